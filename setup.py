@@ -1,10 +1,10 @@
 """cipo: fused Triton policy loss and the CIPO algorithm for RL with verifiable rewards."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # kernels/ is shipped as the subpackage cipo.kernels: a top-level module named `kernels` would shadow the
 # PyPI package of that name, which transformers probes at import time.
-PACKAGES = ["cipo", "cipo.kernels"]
+PACKAGES = ["cipo", *(f"cipo.{name}" for name in find_packages("cipo")), "cipo.kernels"]
 PACKAGE_DIR = {"cipo": "cipo", "cipo.kernels": "kernels"}
 
 setup(

