@@ -144,7 +144,8 @@ def _loss_from_flat(flat: FlatInputs, config: PolicyLossConfig, parts: list[Stre
         raise ValueError(f"config.tis_mode={config.tis_mode!r} needs rollout_logp (the rollout engine's "
                          "log-probs)")
     scale = config.loss_scale_factor if config.loss_scale_factor is not None else flat.default_scale
-    if use_triton(flat.logp):
+    # float64 is the reference precision: it always takes the torch path (the kernel computes in fp32).
+    if flat.logp.dtype != torch.float64 and use_triton(flat.logp):
         from .kernels.policy_loss import policy_loss_triton
 
         return policy_loss_triton(flat, config, parts, scale_factor=scale)
