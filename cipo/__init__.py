@@ -8,6 +8,9 @@ Public API (stable names):
 * :class:`PackedBatch`, :class:`SequenceSample` — the packed base + correction layout.
 * :func:`cipo_policy_loss` — ``L_base + λ · L_corr`` on a packed batch.
 * :class:`CIPOConfig` — the CIPO algorithm's knobs (correction stream, replay, shaping, selection).
+* :func:`linear_logprob` — per-token log-prob (and entropy) from hidden states, never materialising the logits.
+* :func:`fused_linear_policy_loss` — hidden states + LM head + packed batch → loss, gradient finished in the
+  forward, chunk by chunk.
 """
 
 from .advantages import group_advantages
@@ -18,6 +21,22 @@ from .packing import BASE_STREAM, CORRECTION_STREAM, IGNORE_INDEX, PackedBatch, 
 
 __version__ = "0.1.0"
 
+# The kernels import triton when they load; keep `import cipo` light and let the interpreter flag
+# (TRITON_INTERPRET=1) be set by callers before the first use.
+_LAZY = {
+    "linear_logprob": "cipo.kernels.linear_logprob",
+    "fused_linear_policy_loss": "cipo.kernels.fused_linear_policy_loss",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'cipo' has no attribute {name!r}")
+
+
 __all__ = [
     "BASE_STREAM",
     "CIPOConfig",
@@ -27,6 +46,8 @@ __all__ = [
     "PolicyLossConfig",
     "SequenceSample",
     "cipo_policy_loss",
+    "fused_linear_policy_loss",
     "group_advantages",
+    "linear_logprob",
     "policy_loss",
 ]
