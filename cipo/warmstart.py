@@ -1,0 +1,441 @@
+"""Warm start: a brief supervised fine-tune on worked solutions, so that RL starts where it has signal.
+
+A freshly initialised tiny model never produces a ``\\boxed{}`` answer, so every reward is 0 and GRPO has no
+gradient. A short SFT on the synthetic task's worked solutions (``cipo.data.synthetic``) brings held-out sampled
+accuracy (T = 1) into the 20-60 % band. The SFT accuracy curve is steep (a few percent to ~90 % within ~150 steps),
+so training stops on a *measured* held-out accuracy (:class:`AccuracyStopper`) rather than after a fixed count.
+Typical errors are then miscomputed or misread columns (often the column that takes a carry, e.g.
+``3+9+1=12``) and a boxed answer that disagrees with the columns: visible in the trajectory, fixable on a retry.
+
+Optionally a share of the examples are correction-style (a correction prompt around a correct or a
+carry-corrupted attempt, target = the correct solution), so that the correction stream has non-zero reward at
+step 0; without them the tiny model answers correction prompts correctly ~0 % of the time.
+
+Measured (``python -m cipo.warmstart --seeds 0 1 2 3``; defaults: 0.52 M-parameter model, 2-digit addition,
+batch 32, lr 3e-3, stop at 35 % on 128 held-out prompts x 2 samples; 2 shared CPU cores, OMP_NUM_THREADS=1;
+accuracy on 272 other held-out prompts x 4 samples at T = 1):
+
+* base examples only: 175-250 steps, 34-65 s (4-10 s of it in the checks); accuracy 0.34 / 0.41 / 0.48 / 0.36
+  (greedy 0.45-0.55).
+* plus correction examples (``correction_fraction=0.5``, user format ``"{problem}\\nPrevious attempt:
+  {attempt}\\nSolve the problem again."``): 275-300 steps, 68-91 s; accuracy 0.39 / 0.51 / 0.43 / 0.46; one
+  correction pass on the model's own attempts turns wrong into right 4-23 % of the time, keeps right 16-61 %.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from cipo.data.dataset import chat_prompt_ids
+from cipo.data.synthetic import corrupt_solution, solution_for
+
+CorrectionBuilder = Callable[[list[dict], str], list[dict]]
+"""``(prompt messages, attempt text) -> correction prompt messages`` — e.g.
+``lambda p, a: CorrectionTemplate(max_attempt_tokens=None).build(p, a).messages``."""
+
+
+@dataclass
+class WarmStartResult:
+    """What :func:`warm_start` did.
+
+    Attributes:
+        losses: mean token cross-entropy of each step (fp32 floats, length ``steps``).
+        seconds: wall time of the optimisation loop.
+        steps: optimizer steps taken.
+        examples: training examples seen (``steps * batch_size``).
+    """
+
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps: int = 0
+    examples: int = 0
+
+
+def build_sft_examples(
+    tokenizer,
+    rows: Sequence[dict],
+    seed: int = 0,
+    correction_builder: CorrectionBuilder | None = None,
+    correction_fraction: float = 0.0,
+    return_kinds: bool = False,
+):
+    """``(prompt_ids, target_ids)`` pairs; the target is the worked solution followed by eos.
+
+    With ``correction_builder``, a ``correction_fraction`` share of the rows also yield a correction example whose
+    attempt is, with equal odds, the correct solution or one with a forgotten carry (right after its base example).
+    With ``return_kinds``, also returns a list of bools marking the correction examples.
+    """
+    rng = random.Random(seed)
+    eos = tokenizer.eos_token_id
+    out = []
+    kinds = []
+    for row in rows:
+        sol = solution_for(row)
+        target = list(tokenizer(sol, add_special_tokens=False)["input_ids"]) + [eos]
+        out.append((chat_prompt_ids(tokenizer, row["prompt"]), target))
+        kinds.append(False)
+        if correction_builder is not None and rng.random() < correction_fraction:
+            attempt = sol if rng.random() < 0.5 else corrupt_solution(row, rng)
+            prompt = row["prompt"] if not isinstance(row["prompt"], str) else [
+                {"role": "user", "content": row["prompt"]}]
+            out.append((chat_prompt_ids(tokenizer, correction_builder(list(prompt), attempt)), target))
+            kinds.append(True)
+    return (out, kinds) if return_kinds else out
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` ``[B, L]`` (int64); labels -100 off-target."""
+    width = max(len(p) + len(t) for p, t in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for r, (p, t) in enumerate(batch):
+        seq = p + t
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+        labels[r, len(p) : len(seq)] = torch.tensor(t)
+    return ids, mask, labels
+
+
+def warm_start(
+    model,
+    tokenizer,
+    dataset_rows: Sequence[dict],
+    steps: int = 600,
+    lr: float = 3e-3,
+    seed: int = 0,
+    batch_size: int = 32,
+    warmup_steps: int = 50,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    correction_builder: CorrectionBuilder | None = None,
+    correction_fraction: float = 0.0,
+    progress: bool = True,
+    on_step: Callable[[int, float], bool | None] | None = None,
+) -> WarmStartResult:
+    """Supervised fine-tune ``model`` in place on worked solutions of ``dataset_rows``.
+
+    AdamW, linear warm-up then cosine decay to 10 % of ``lr`` over ``steps``; loss = mean token cross-entropy over
+    the target tokens (solution + eos) of a batch. Batches are drawn from per-epoch shuffles (``seed``).
+    ``steps`` is the budget; pass an :class:`AccuracyStopper` as ``on_step`` to stop in the target accuracy band
+    (a fixed count overshoots easily: the default model passes 90 % on 2-digit addition by ~350 steps).
+
+    Args:
+        model: a causal LM (``labels``-style forward); left in eval mode afterwards.
+        tokenizer: its tokenizer (chat template, eos).
+        dataset_rows: synthetic-task rows (``cipo.data.synthetic.make_dataset``).
+        steps, lr, batch_size, warmup_steps, weight_decay, max_grad_norm: optimisation knobs.
+        seed: shuffling (and correction-example) seed; the model's dropout-free forward is deterministic.
+        correction_builder, correction_fraction: see :func:`build_sft_examples`.
+        progress: show a tqdm bar with the running loss.
+        on_step: called as ``on_step(step, loss)`` after every optimizer step (logging, periodic evals); a truthy
+            return value stops training early (see :class:`AccuracyStopper`). Its time counts in ``seconds``.
+    """
+    from tqdm.auto import tqdm
+
+    examples, is_corr = build_sft_examples(
+        tokenizer, dataset_rows, seed, correction_builder, correction_fraction, return_kinds=True
+    )
+    if not examples:
+        raise ValueError("warm_start needs at least one dataset row")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < warmup_steps:
+            return lr * (step + 1) / warmup_steps
+        frac = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+    # Correction examples are ~5x longer than base ones; batching each kind separately avoids padding every
+    # base example to correction length. Each step draws its kind with probability proportional to its size.
+    kinds = [[i for i, c in enumerate(is_corr) if not c], [i for i, c in enumerate(is_corr) if c]]
+    kinds = [k for k in kinds if k]
+    rng = random.Random(seed)
+    orders: list[list[int]] = [[] for _ in kinds]
+    result = WarmStartResult()
+    model.train()
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc="warm start", disable=not progress, leave=False)
+    for step in bar:
+        kind = rng.choices(range(len(kinds)), weights=[len(k) for k in kinds])[0]
+        order = orders[kind]
+        while len(order) < batch_size:
+            perm = list(kinds[kind])
+            rng.shuffle(perm)
+            order += perm
+        batch = [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        ids, mask, labels = _collate(batch, pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False)
+        logits = out.logits[:, :-1].float()  # [B, L-1, V]; position t predicts token t+1
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        opt.step()
+        result.losses.append(float(loss.detach()))
+        result.steps = step + 1
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+        if on_step is not None and on_step(step, result.losses[-1]):
+            break
+    bar.close()
+    model.eval()
+    result.seconds = time.perf_counter() - t0
+    result.examples = result.steps * batch_size
+    return result
+
+
+class AccuracyStopper:
+    """``on_step`` callback for :func:`warm_start`: every ``every`` steps (from ``min_steps`` on), push the
+    weights into a rollout engine, measure sampled accuracy on held-out rows, and stop once it reaches
+    ``target``. The SFT accuracy curve of the tiny model rises steeply (a few percent to ~90 % within a few
+    hundred steps), so a fixed step count lands in the 20-60 % band only by luck; stopping on a measured accuracy
+    lands there every time.
+
+    Attributes:
+        history: ``(step, accuracy)`` of every evaluation.
+        seconds: time spent evaluating.
+    """
+
+    def __init__(
+        self,
+        model,
+        engine,
+        tokenizer,
+        rows: Sequence[dict],
+        target: float = 0.35,
+        every: int = 25,
+        min_steps: int = 0,
+        n: int = 2,
+        sampling=None,
+        verbose: bool = False,
+    ) -> None:
+        from cipo.rollout import SamplingConfig
+
+        self.model, self.engine, self.tokenizer, self.rows = model, engine, tokenizer, list(rows)
+        self.target, self.every, self.min_steps, self.n = target, every, min_steps, n
+        self.sampling = sampling or SamplingConfig(temperature=1.0, max_tokens=48, seed=0)
+        self.verbose = verbose
+        self.history: list[tuple[int, float]] = []
+        self.seconds = 0.0
+
+    def __call__(self, step: int, loss: float) -> bool:
+        if (step + 1) < self.min_steps or (step + 1) % self.every:
+            return False
+        t0 = time.perf_counter()
+        self.engine.update_weights(self.model.named_parameters())
+        acc = sampled_accuracy(self.engine, self.tokenizer, self.rows, self.sampling, self.n)
+        self.history.append((step + 1, acc))
+        self.seconds += time.perf_counter() - t0
+        if self.verbose:
+            print(f"warm start step {step + 1}: loss {loss:.3f}, held-out accuracy {acc:.3f}", flush=True)
+        return acc >= self.target
+
+
+def sampled_accuracy(engine, tokenizer, rows: Sequence[dict], sampling, n: int = 1) -> float:
+    """Mean ``synthetic.score`` of ``n`` completions per row sampled from a ``RolloutEngine``."""
+    from cipo.data.synthetic import score
+
+    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    batch = engine.generate(prompts, n, sampling)
+    scores = [
+        score(text, rows[batch.prompt_index[k]]["reward_model"]["ground_truth"]) for k, text in enumerate(batch.texts)
+    ]
+    return sum(scores) / max(1, len(scores))
+
+
+def build_warm_checkpoint(
+    out_dir,
+    seed: int = 0,
+    difficulty=None,
+    target: float = 0.35,
+    max_steps: int = 600,
+    n_train: int = 5000,
+    n_check: int = 128,
+    engine_kind: str = "auto",
+    correction_builder: CorrectionBuilder | None = None,
+    correction_fraction: float = 0.0,
+    progress: bool = True,
+    **model_overrides,
+) -> dict:
+    """Build the tiny model, warm-start it until held-out sampled accuracy (T = 1) reaches ``target``, and save
+    model + tokenizer to ``out_dir`` (``save_pretrained``; loadable by transformers and vLLM offline).
+
+    The held-out check rows are drawn disjoint from training (``make_splits``, split "test"); the trainer's own
+    eval set should be made the same way. A directory already holding a finished build (``warm_start.json``) is
+    reused as is. Returns the ``warm_start.json`` record: ``steps``, ``seconds``, ``history`` ((step, accuracy)
+    of the checks), ``final_loss`` and the arguments.
+    """
+    import json
+    import os
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from cipo.data.synthetic import Difficulty, make_splits
+    from cipo.models.tiny import build_tiny_model, build_tiny_tokenizer
+
+    out = Path(out_dir)
+    record_path = out / "warm_start.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from cipo.rollout import make_engine
+
+    diff = Difficulty.coerce(difficulty)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(out)
+    model = build_tiny_model(out, tok, seed=seed, **model_overrides)  # random init, read by the engine
+    train, check = make_splits(n_train, n_check, seed=seed, difficulty=diff)
+    engine = make_engine(engine_kind, out)
+    try:
+        stopper = AccuracyStopper(model, engine, tok, check, target=target, every=25, min_steps=100)
+        res = warm_start(model, tok, train, steps=max_steps, seed=seed, progress=progress, on_step=stopper,
+                         correction_builder=correction_builder, correction_fraction=correction_fraction)
+    finally:
+        engine.close()
+    model.save_pretrained(str(out))
+    record = {
+        "seed": seed,
+        "difficulty": asdict(diff),
+        "target": target,
+        "steps": res.steps,
+        "seconds": res.seconds,
+        "final_loss": res.losses[-1],
+        "history": stopper.history,
+        "reached_target": bool(stopper.history and stopper.history[-1][1] >= target),
+        "correction_fraction": correction_fraction if correction_builder is not None else 0.0,
+        "model_overrides": model_overrides,
+    }
+    record_path.write_text(json.dumps(record, indent=1))
+    return record
+
+
+def classify_error(response: str, row: dict) -> str:
+    """Rough error class of a wrong synthetic-task response, for reports:
+    ``"format"`` (no boxed integer), ``"dropped_carry"`` (columns match a forgotten carry), ``"column"`` (a written
+    column is miscomputed or misread), ``"inconsistent"`` (columns right, boxed answer not), ``"correct"``."""
+    import re
+
+    from cipo.data.synthetic import dropped_carry_solutions, last_boxed, score
+
+    gt = row["reward_model"]["ground_truth"]
+    if score(response, gt) == 1.0:
+        return "correct"
+    boxed = last_boxed(response)
+    if boxed is None or not re.fullmatch(r"\s*[+-]?\d+\s*", boxed):
+        return "format"
+
+    def work(text: str) -> str:
+        return text.rsplit("\\boxed{", 1)[0].strip()
+
+    if any(work(s) == work(response) for s in dropped_carry_solutions(row)):
+        return "dropped_carry"
+    if work(response) == work(solution_for(row)):
+        return "inconsistent"
+    return "column"
+
+
+def _main() -> None:
+    """Measure warm start: ``python -m cipo.warmstart [--seeds 0 1 2]`` (builds everything in a temp dir)."""
+    import argparse
+    import collections
+    import os
+    import tempfile
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from cipo.data.synthetic import Difficulty, make_splits, score
+    from cipo.models.tiny import build_tiny_model, build_tiny_tokenizer
+    from cipo.rollout import SamplingConfig, make_engine
+
+    ap = argparse.ArgumentParser(description=_main.__doc__)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--engine", default="auto")
+    ap.add_argument("--digits", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=600)
+    ap.add_argument("--target", type=float, default=0.35)
+    ap.add_argument("--every", type=int, default=25)
+    ap.add_argument("--correction-fraction", type=float, default=0.0,
+                    help="share of rows that also get a correction-style example (cipo.algorithm.template)")
+    ap.add_argument("--correction-format", default=None,
+                    help="CorrectionTemplate.user_format ({problem}, {attempt}); default: the template's own")
+    args = ap.parse_args()
+    from cipo.algorithm.template import CorrectionTemplate
+
+    template = CorrectionTemplate(max_attempt_tokens=None)
+    if args.correction_format:
+        template = CorrectionTemplate(user_format=args.correction_format.replace("\\n", "\n"),
+                                      max_attempt_tokens=None)
+
+    def builder(prompt, attempt):
+        return template.build(prompt, attempt).messages
+
+    for seed in args.seeds:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            tok = build_tiny_tokenizer(d)
+            model = build_tiny_model(d, tok, seed=seed)
+            train, test = make_splits(5000, 400, seed=seed, difficulty=Difficulty(digits=args.digits))
+            engine = make_engine(args.engine, d)
+            t_setup = time.perf_counter() - t0
+            stopper = AccuracyStopper(model, engine, tok, test[:128], target=args.target, every=args.every,
+                                      min_steps=100)
+            res = warm_start(model, tok, train, steps=args.max_steps, seed=seed, progress=False, on_step=stopper,
+                             correction_builder=builder if args.correction_fraction > 0 else None,
+                             correction_fraction=args.correction_fraction)
+            engine.update_weights(model.named_parameters())
+            t1 = time.perf_counter()
+            held = test[128:]
+            prompts = [chat_prompt_ids(tok, r["prompt"]) for r in held]
+            batch = engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_tokens=48, seed=seed + 1))
+            kinds = collections.Counter(
+                classify_error(t, held[batch.prompt_index[k]]) for k, t in enumerate(batch.texts))
+            greedy = sampled_accuracy(engine, tok, held, SamplingConfig(temperature=0.0, max_tokens=48))
+            t_eval = time.perf_counter() - t1
+            acc = kinds["correct"] / len(batch)
+            print(f"seed {seed}: setup {t_setup:.1f}s, warm start {res.seconds:.1f}s ({res.steps} steps, "
+                  f"{stopper.seconds:.1f}s of it in {len(stopper.history)} stop checks {stopper.history}), "
+                  f"held-out acc T=1 {acc:.3f} (n={len(batch)}), greedy {greedy:.3f}, eval {t_eval:.1f}s, "
+                  f"outcomes {dict(kinds)}", flush=True)
+            wrong = [(held[batch.prompt_index[k]]["prompt"][0]["content"], t) for k, t in enumerate(batch.texts)
+                     if kinds and classify_error(t, held[batch.prompt_index[k]]) != "correct"]
+            for q, t in wrong[:6]:
+                print(f"   {q[8:q.index('?')]:>8} -> {t}")
+            if True:
+                # One refinement per first attempt, conditioned on the model's own attempt.
+                firsts = list(range(0, len(batch), 4))
+                cprompts = [chat_prompt_ids(tok, builder(held[batch.prompt_index[k]]["prompt"], batch.texts[k]))
+                            for k in firsts]
+                ref = engine.generate(cprompts, 1, SamplingConfig(temperature=1.0, max_tokens=48, seed=seed + 2))
+                stats = collections.Counter()
+                for j, k in enumerate(firsts):
+                    row = held[batch.prompt_index[k]]
+                    before = score(batch.texts[k], row["reward_model"]["ground_truth"])
+                    after = score(ref.texts[j], row["reward_model"]["ground_truth"])
+                    stats[f"{'right' if before else 'wrong'}->{'right' if after else 'wrong'}"] += 1
+                print(f"   correction pass (T=1, own attempts): {dict(stats)}", flush=True)
+            engine.close()
+
+
+if __name__ == "__main__":
+    _main()

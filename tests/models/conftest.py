@@ -1,0 +1,10 @@
+"""Shared tiny checkpoint for the model tests (built once per session, offline)."""
+
+import pytest
+
+from cipo.models.tiny import ensure_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return ensure_tiny_checkpoint(tmp_path_factory.mktemp("tiny_models") / "tiny", seed=0)
