@@ -1,0 +1,87 @@
+"""The ``cipo`` command: ``cipo train CONFIG [--set key=value ...] [--resume]`` and ``cipo generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .trainer.config import load_config
+    from .trainer.trainer import CIPOTrainer
+
+    config = load_config(args.config, args.set)
+    trainer = CIPOTrainer(config, resume=args.resume)
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"run directory: {Path(config.trainer.run_dir).resolve()}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .rollout import SamplingConfig, make_engine
+    from .trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from .warmstart import chat_prompt_ids
+
+    run_dir = Path(args.run_dir)
+    model_dir = run_dir / "init_model" if (run_dir / "init_model").exists() else run_dir
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{run_dir} holds neither a run (init_model/) nor an HF model (config.json)")
+    engine = make_engine("hf", model_dir)
+    checkpoint = latest_checkpoint(run_dir) if (run_dir / "checkpoints").exists() else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint)["model"]
+        engine.update_weights(state.items())
+        print(f"weights: {checkpoint}", file=sys.stderr)
+    tokenizer = engine.tokenizer
+    prompt = chat_prompt_ids(tokenizer, args.prompt)
+    sampling = SamplingConfig(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    with torch.no_grad():
+        out = engine.generate([prompt], n=args.n, sampling=sampling)
+    for k, text in enumerate(out.texts):
+        print(f"--- sample {k} ({out.finish_reasons[k]})\n{text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cipo", description="Correction-Oriented Policy Optimization")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train with CIPO (or GRPO) from a YAML config")
+    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set actor.lr=1e-4 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train.set_defaults(func=_train)
+    gen = sub.add_parser("generate", help="sample from a run's latest checkpoint (or an HF model directory)")
+    gen.add_argument("--run-dir", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("-n", type=int, default=4)
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .data.dataset import DatasetError
+    from .trainer.config_io import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+        print(f"cipo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

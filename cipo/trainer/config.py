@@ -1,0 +1,158 @@
+"""The trainer's YAML config: sections named after verl's (``data``, ``actor``, ``rollout``, ``algorithm``,
+``trainer``), each a dataclass whose fields are the YAML keys.
+
+``cipo train configs/tiny.yaml --set actor.lr=3e-4 --set trainer.total_steps=20`` loads the file, applies the
+overrides, and validates every key and value (:mod:`cipo.trainer.config_io`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from ..algorithm.config import CIPOConfig
+from ..config import PolicyLossConfig
+from .config_io import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class ModelConfig:
+    """The policy. ``path`` is a local HF directory; ``"tiny"`` builds the tiny Qwen3 model in code."""
+
+    path: str = "tiny"
+    tiny_overrides: dict = field(default_factory=dict)  # Qwen3Config fields for the built tiny model
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = False
+    use_reference: bool = False  # a frozen copy of the initial policy for the KL term
+
+
+@dataclass
+class DataConfig:
+    """Prompts. ``train_files``/``val_files``: JSONL or parquet with verl's columns; empty → the synthetic task."""
+
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    synthetic_train_size: int = 2000
+    synthetic_val_size: int = 64
+    synthetic_difficulty: dict = field(default_factory=dict)
+    max_prompt_length: int = 512
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling. ``engine``: ``auto`` (vLLM when installed, else HF ``generate``), ``vllm`` or ``hf``."""
+
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    n: int = 8  # responses per prompt (GRPO group size)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_response_length: int = 64
+    gpu_memory_utilization: float = 0.4
+
+
+@dataclass
+class ActorConfig:
+    """Optimisation and the loss. ``loss`` holds :class:`cipo.PolicyLossConfig`'s fields."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1  # updates per batch; > 1 computes old log-probs with a trainer forward
+    micro_batch_tokens: int = 4096  # token budget of one forward/backward
+    adv_estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    fused_loss: bool = True  # False: materialise the logits (for comparisons only)
+    loss: dict = field(default_factory=dict)
+
+    def loss_config(self, temperature: float) -> PolicyLossConfig:
+        """The loss config, with the rollout's temperature (the trainer must apply the sampler's T)."""
+        values = dict(self.loss)
+        if "temperature" in values and values["temperature"] != temperature:
+            raise ConfigError(f"actor.loss.temperature={values['temperature']} differs from rollout.temperature="
+                              f"{temperature}; leave it unset — the trainer uses the rollout's temperature")
+        values["temperature"] = temperature
+        return from_dict(PolicyLossConfig, values, "actor.loss")
+
+
+@dataclass
+class WarmStartConfig:
+    """A brief supervised warm start of the tiny model on the synthetic task, so that RL starts where it has
+    signal: it stops as soon as held-out sampled accuracy reaches ``target_accuracy`` (checked every
+    ``check_every`` steps), at ``max_steps`` at the latest. ``correction_fraction`` of the rows also teach the
+    correction format (the configured template around a correct or a carry-dropping attempt): without it the
+    correction stream of a model this small has no signal at all."""
+
+    max_steps: int = 0  # 0: no warm start
+    target_accuracy: float = 0.35
+    check_every: int = 25
+    check_prompts: int = 64
+    lr: float = 3e-3
+    batch_size: int = 32
+    correction_fraction: float = 0.5
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 10
+    prompts_per_step: int = 16
+    seed: int = 0
+    run_dir: str = "runs/tiny"
+    save_every: int = 5
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_prompts: int = 64
+    device: str = "auto"
+    num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    progress: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    algorithm: dict = field(default_factory=dict)  # CIPOConfig's fields
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def cipo_config(self) -> CIPOConfig:
+        return from_dict(CIPOConfig, self.algorithm, "algorithm")
+
+    def validate(self) -> None:
+        """Cross-section checks; raises ConfigError naming the key."""
+        checks: list[tuple[bool, str]] = [
+            (self.rollout.n >= 1, "rollout.n must be >= 1"),
+            (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
+            (self.rollout.max_response_length >= 1, "rollout.max_response_length must be >= 1"),
+            (self.actor.lr > 0, "actor.lr must be > 0"),
+            (self.actor.ppo_epochs >= 1, "actor.ppo_epochs must be >= 1"),
+            (self.actor.micro_batch_tokens >= 1, "actor.micro_batch_tokens must be >= 1"),
+            (self.actor.grad_clip >= 0, "actor.grad_clip must be >= 0 (0 disables clipping)"),
+            (self.trainer.total_steps >= 0, "trainer.total_steps must be >= 0"),
+            (self.trainer.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
+            (self.trainer.save_every >= 0, "trainer.save_every must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.actor.loss_config(self.rollout.temperature)
+        self.cipo_config()
+
+
+def load_config(path: Optional[Union[str, Path]], overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Load a YAML config (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = load_yaml(path) if path is not None else {}
+    apply_overrides(raw, list(overrides or []))
+    config = from_dict(TrainConfig, raw)
+    config.validate()
+    return config
+
+
+def config_to_dict(config: TrainConfig) -> dict[str, Any]:
+    return to_dict(config)

@@ -1,0 +1,566 @@
+"""The thin CIPO trainer: rollouts (vLLM or HF) → verification → correction stream → packed step on the fused
+loss → optimizer → weights back into the rollout engine.
+
+One step (DESIGN §2)::
+
+    prompts ─ engine.generate(n=G) ─ verify ─ pass-rate tracker
+            ─ selector(ρ) + template ─ engine.generate(n=M) ─ verify ─ shaping ─ replay controller
+            ─ assemble_step → PackedBatch ─ micro-batches by token budget:
+                  packed forward → hidden [n, H] → fused_linear_policy_loss(hidden, W_head, ...) → backward
+            ─ clip, AdamW, warm-up schedule ─ engine.update_weights(policy)
+
+The run directory holds ``metrics.jsonl`` (one line per step), ``curves.png``, ``summary.json``,
+``config.yaml``, the initial model (``init_model/``, what the engine loads) and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from ..algorithm import (
+    DifficultySelector,
+    PassRateTracker,
+    PromptResult,
+    ReplayController,
+    Rollout,
+    RolloutGroup,
+    Trajectory,
+    TrajectoryPool,
+    assemble_step,
+    build_correction_prompts,
+    shape_correction_groups,
+    step_advantages,
+)
+from ..config import PolicyLossConfig
+from ..packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
+from ..rollout import RolloutBatch, SamplingConfig, make_engine, vllm_available
+from ..warmstart import chat_prompt_ids
+from .checkpoint import (
+    atomic_write_text,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import TrainConfig, config_to_dict
+from .forward import lm_head_weight, packed_hidden_states
+from .prompt_stream import PromptStream
+from .scoring import RewardScorer
+
+EVAL_SEED_OFFSET = 7_777_777
+EVAL_SAMPLES_PER_PROMPT = 4
+MAX_HELD_OUT_FAILURES = 64
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def step_seed(seed: int, step: int, phase: int) -> int:
+    """Sampling seed of one generate call: distinct per (step, phase), identical after a resume."""
+    return (seed * 1_000_003 + step * 101 + phase) % (2**31 - 1)
+
+
+@dataclass
+class StepMetrics:
+    """Accumulates one step's floats; micro-batch metrics are averaged with token weights."""
+
+    values: dict[str, float] = field(default_factory=dict)
+    _weights: dict[str, float] = field(default_factory=dict)
+
+    def set(self, **kwargs: float) -> None:
+        self.values.update({k: float(v) for k, v in kwargs.items()})
+
+    def update(self, prefix: str, metrics: dict[str, float]) -> None:
+        self.values.update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
+
+    def add_weighted(self, metrics: dict[str, float], weight: float, prefix: str = "actor/") -> None:
+        for key, value in metrics.items():
+            name = prefix + key
+            total = self._weights.get(name, 0.0) + weight
+            previous = self.values.get(name, 0.0)
+            self.values[name] = previous + (value - previous) * (weight / total if total else 0.0)
+            self._weights[name] = total
+
+
+class CIPOTrainer:
+    """Runs CIPO (or plain GRPO when the correction stream is off) as configured by a :class:`TrainConfig`."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+        self.cfg = config
+        self.alg = config.cipo_config()
+        self.loss_cfg: PolicyLossConfig = config.actor.loss_config(config.rollout.temperature)
+        self.run_dir = Path(config.trainer.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(config.trainer.device)
+        if config.trainer.num_threads > 0:
+            torch.set_num_threads(config.trainer.num_threads)
+        self.step = 0
+        self.history: dict[str, Any] = {}
+        torch.manual_seed(config.trainer.seed)
+
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if resume and checkpoint is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        self.train_rows, self.val_rows = self._load_data()
+        self.model, self.tokenizer, self.init_dir = self._load_policy(fresh=checkpoint is None)
+        self.ref_model = self._reference_model()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.actor.lr,
+                                           betas=tuple(config.actor.betas), weight_decay=config.actor.weight_decay)
+        warmup = config.actor.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+        self.stream = PromptStream(self.train_rows, seed=config.trainer.seed, shuffle=config.data.shuffle)
+        self.tracker = PassRateTracker(ema_decay=self.alg.pass_rate_ema_decay)
+        self.controller = ReplayController.from_config(self.alg)
+        self.pool = TrajectoryPool.from_config(self.alg)
+        self.selector = DifficultySelector.from_config(self.alg)
+        self.scorer = RewardScorer(workers=0 if self._all_synthetic() else 2)
+        self.engine = self._make_engine()
+        if checkpoint is not None:
+            self._restore(load_checkpoint(checkpoint))
+            self.engine.update_weights(self._named_weights())
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def _all_synthetic(self) -> bool:
+        return not self.cfg.data.train_files and not self.cfg.data.val_files
+
+    def _load_data(self) -> tuple[list[dict], list[dict]]:
+        from ..data import synthetic
+
+        data = self.cfg.data
+        if self._all_synthetic():
+            return synthetic.make_splits(data.synthetic_train_size, data.synthetic_val_size, seed=self.cfg.trainer.seed,
+                                         difficulty=data.synthetic_difficulty or None)
+        from ..data.dataset import load_dataset
+
+        train = [row for path in data.train_files for row in load_dataset(path)]
+        val = [row for path in data.val_files for row in load_dataset(path)]
+        return train, val
+
+    def _load_policy(self, fresh: bool):
+        """The policy (HF model), its tokenizer, and the directory the engine loads (the initial weights)."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model_cfg = self.cfg.model
+        init_dir = self.run_dir / "init_model"
+        dtype = getattr(torch, model_cfg.dtype)
+        if model_cfg.path == "tiny":
+            if fresh or not (init_dir / "config.json").exists():
+                self._build_tiny(init_dir)
+            source = init_dir
+        else:
+            source = Path(model_cfg.path)
+            if not (source / "config.json").exists():
+                raise FileNotFoundError(f"model.path={model_cfg.path!r} is not a local HF model directory (no "
+                                        "config.json); cipo loads models from disk only")
+            init_dir = source
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, local_files_only=True,
+                                                     attn_implementation=model_cfg.attn_implementation)
+        model.to(self.device)
+        if model_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        model.train()
+        return model, tokenizer, init_dir
+
+    def _build_tiny(self, init_dir: Path) -> None:
+        """Build the tiny model and tokenizer in code, warm-start them on the synthetic task, save."""
+        from ..models.tiny import build_tiny_model, build_tiny_tokenizer
+        from ..warmstart import AccuracyStopper, warm_start
+
+        tokenizer = build_tiny_tokenizer(init_dir)
+        model = build_tiny_model(init_dir, tokenizer, seed=self.cfg.trainer.seed, **self.cfg.model.tiny_overrides)
+        ws = self.cfg.warmstart
+        if ws.max_steps > 0:
+            # The stopper samples from the saved random init, then from pushed weights; its engine is closed
+            # before the trainer's own engine starts on the warm weights.
+            engine = self._make_engine(init_dir)
+            template = self.alg.template
+
+            def correction_messages(prompt, attempt):
+                return template.build(prompt, attempt, encode=self._encoder(tokenizer),
+                                      decode=self._decoder(tokenizer)).messages
+
+            # Stop on prompts the warm start does not train on; the eval set stays unseen until evaluation.
+            sft_rows, check_rows = self.train_rows[:-ws.check_prompts], self.train_rows[-ws.check_prompts:]
+            stopper = AccuracyStopper(model, engine, tokenizer, check_rows, target=ws.target_accuracy,
+                                      every=ws.check_every, sampling=self._sampling(self.cfg.trainer.seed))
+            try:
+                result = warm_start(model, tokenizer, sft_rows, steps=ws.max_steps, lr=ws.lr,
+                                    seed=self.cfg.trainer.seed, batch_size=ws.batch_size,
+                                    correction_builder=correction_messages,
+                                    correction_fraction=ws.correction_fraction,
+                                    progress=self.cfg.trainer.progress, on_step=stopper)
+            finally:
+                engine.close()
+            self.history["warmstart"] = {"steps": result.steps, "seconds": result.seconds,
+                                         "final_loss": result.losses[-1] if result.losses else None,
+                                         "checks": stopper.history}
+        model.save_pretrained(str(init_dir))
+
+    def _reference_model(self) -> Optional[torch.nn.Module]:
+        if not (self.cfg.model.use_reference or self.loss_cfg.kl_coef > 0):
+            return None
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    def _make_engine(self, model_dir: Optional[Path] = None):
+        kind = self.cfg.rollout.engine
+        if kind == "auto":
+            kind = "vllm" if vllm_available() else "hf"
+        if kind == "vllm":
+            kwargs = {"seed": self.cfg.trainer.seed, "dtype": self.cfg.model.dtype}
+            if self.device.type == "cuda":
+                kwargs["gpu_memory_utilization"] = self.cfg.rollout.gpu_memory_utilization
+        else:
+            kwargs = {"device": self.device, "dtype": getattr(torch, self.cfg.model.dtype)}
+        return make_engine(kind, model_dir or self.init_dir, **kwargs)
+
+    def _named_weights(self):
+        return ((name, p.detach()) for name, p in self.model.named_parameters())
+
+    def _sampling(self, seed: int, n_tokens: Optional[int] = None) -> SamplingConfig:
+        r = self.cfg.rollout
+        return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_tokens=n_tokens or r.max_response_length, seed=seed)
+
+    # ------------------------------------------------------------------------------------------- rollouts
+
+    def _prompt_ids(self, messages) -> list[int]:
+        ids = chat_prompt_ids(self.tokenizer, messages)
+        limit = self.cfg.data.max_prompt_length
+        if len(ids) > limit:
+            # keep the end: the assistant turn's opening must survive
+            ids = ids[-limit:]
+        return ids
+
+    def _generate(self, prompts: list[list[int]], n: int, seed: int) -> RolloutBatch:
+        return self.engine.generate(prompts, n=n, sampling=self._sampling(seed))
+
+    def _groups(self, prompt_ids: list[list[int]], out: RolloutBatch, rows: list[dict], *, prompt_keys: list[Any],
+                conditioning: Optional[list[bool]] = None) -> tuple[list[RolloutGroup], list[float]]:
+        """Score a generate call's completions; one RolloutGroup per prompt."""
+        expanded = [rows[k // out.n] for k in range(len(out))]
+        scores = self.scorer.score(expanded, out.texts)
+        groups = []
+        for i, prompt in enumerate(prompt_ids):
+            sl = out.group(i)
+            rollouts = [Rollout(response_ids=ids, reward=score, correct=score >= 1.0, rollout_logp=lp)
+                        for ids, score, lp in zip(out.token_ids[sl], scores[sl], out.logprobs[sl])]
+            groups.append(RolloutGroup(prompt_ids=prompt, rollouts=rollouts, prompt_id=prompt_keys[i],
+                                       conditioning_correct=None if conditioning is None else conditioning[i]))
+        return groups, scores
+
+    # ------------------------------------------------------------------------------------------- the step
+
+    def train_step(self) -> dict[str, float]:
+        """One CIPO step; returns its metrics."""
+        t0 = time.perf_counter()
+        m = StepMetrics()
+        alg, step = self.alg, self.step
+        picked = self.stream.next_batch(alg.train_batch_size)
+        rows = [row for _, row in picked]
+        keys = [index for index, _ in picked]
+        prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
+        base_out = self._generate(prompt_ids, alg.rollouts_per_prompt, step_seed(self.cfg.trainer.seed, step, 0))
+        base_groups, base_scores = self._groups(prompt_ids, base_out, rows, prompt_keys=keys)
+        results = [PromptResult(prompt_id=key, prompt=row["prompt"],
+                                trajectories=[Trajectory(correct=r.correct, text=text) for r, text in
+                                              zip(group.rollouts, base_out.texts[base_out.group(i)])])
+                   for i, (key, row, group) in enumerate(zip(keys, rows, base_groups))]
+        self.tracker.update({r.prompt_id: [t.correct for t in r.trajectories] for r in results}, step)
+        m.set(**{"base/reward": _mean(base_scores), "base/accuracy": _mean([s >= 1.0 for s in base_scores]),
+                 "base/response_length": _mean([len(t) for t in base_out.token_ids])})
+        t_base = time.perf_counter()
+
+        corr_groups: list[RolloutGroup] = []
+        regression = None
+        if alg.correction_active:
+            candidates = self.pool.candidates(results, step)
+            selection = self.selector.select(candidates, alg.correction_batch_size, self.controller.rho, step,
+                                             pass_rates=self.tracker.pass_rates(alg.pass_rate_source))
+            m.update("", selection.metrics())
+            if selection.picks:
+                corr_prompts = build_correction_prompts(selection, candidates, alg.template,
+                                                        encode=self._encode, decode=self._decode)
+                corr_ids = [self._prompt_ids(p.messages) for p in corr_prompts]
+                corr_rows = [self.train_rows[p.prompt_id] for p in selection.picks]  # prompt ids index the set
+                corr_out = self._generate(corr_ids, alg.correction_rollouts, step_seed(self.cfg.trainer.seed, step, 1))
+                corr_groups, corr_scores = self._groups(
+                    corr_ids, corr_out, corr_rows, prompt_keys=[p.prompt_id for p in selection.picks],
+                    conditioning=[p.was_correct for p in selection.picks])
+                corr_groups, shaping = shape_correction_groups(corr_groups, alg)
+                regression = shaping.regression
+                decision = self.controller.update(shaping.counts["correct_to_correct"],
+                                                  shaping.counts["correct_to_correct"]
+                                                  + shaping.counts["correct_to_incorrect"])
+                m.update("", shaping.metrics())
+                m.update("", decision.metrics())
+                m.set(**{"corr/success": _mean([s >= 1.0 for s in corr_scores]),
+                         "corr/prompt_length": _mean([len(p) for p in corr_ids])})
+        m.set(**{"replay/rho": self.controller.rho})
+        t_corr = time.perf_counter()
+
+        batch = assemble_step(base_groups, corr_groups, alg, device=self.device)
+        advantages = step_advantages(batch, alg, regression=regression, estimator=self.cfg.actor.adv_estimator)
+        self._update_policy(batch, advantages, m)
+        self.engine.update_weights(self._named_weights())
+        t_end = time.perf_counter()
+        m.set(**{"time/rollout_base": t_base - t0, "time/rollout_corr": t_corr - t_base,
+                 "time/update": t_end - t_corr, "time/step": t_end - t0,
+                 "batch/tokens": batch.num_tokens, "batch/sequences": batch.num_seqs,
+                 "actor/lr": self.scheduler.get_last_lr()[0]})
+        self.step += 1
+        m.set(step=self.step)
+        return m.values
+
+    def _update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: StepMetrics) -> None:
+        """``ppo_epochs`` optimizer steps on the packed batch, micro-batched by token budget; the loss of each
+        update is normalised over the whole step (global per-stream token or sequence counts)."""
+        actor = self.cfg.actor
+        if actor.ppo_epochs > 1:
+            batch.old_logp = self._logp(self.model, batch)  # the policy before this batch's first update
+        else:
+            batch.old_logp = None  # on-policy: the loss uses its own log-probs, detached (ratio exactly 1)
+        if self.ref_model is not None:
+            batch.ref_logp = self._logp(self.ref_model, batch)
+        normalizers = _stream_normalizers(batch, self.loss_cfg.loss_agg_mode)
+        micro = batch.micro_batches(actor.micro_batch_tokens)
+        weight = lm_head_weight(self.model)
+        for _ in range(actor.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for rows in micro:
+                sub = batch.select(rows)
+                hidden = packed_hidden_states(self.model, sub.input_ids, sub.position_ids)
+                loss, metrics = self._loss(hidden, weight, sub, advantages[rows], normalizers)
+                loss.backward()
+                total += float(loss.detach())
+                m.add_weighted(metrics, weight=float(sub.loss_mask.sum()))
+            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
+                         if actor.grad_clip > 0 else _grad_norm(self.model))
+            self.optimizer.step()
+            self.scheduler.step()
+            m.set(**{"actor/loss": total, "actor/grad_norm": float(grad_norm)})
+
+    def _loss(self, hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, advantages: torch.Tensor,
+              normalizers: tuple[Optional[float], Optional[float]]) -> tuple[torch.Tensor, dict[str, float]]:
+        kwargs = dict(lambda_corr=self.alg.lambda_corr, advantages=advantages, base_normalizer=normalizers[0],
+                      corr_normalizer=normalizers[1])
+        if self.cfg.actor.fused_loss:
+            from ..kernels.fused_linear_policy_loss import fused_linear_policy_loss
+
+            return fused_linear_policy_loss(hidden, weight, batch, self.loss_cfg, **kwargs)
+        return materialized_policy_loss(hidden, weight, batch, self.loss_cfg, **kwargs)
+
+    @torch.no_grad()
+    def _logp(self, model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+        """``[N]`` float32 log-probs of the batch's targets under ``model`` (0 where there is no target)."""
+        from ..kernels.linear_logprob import linear_logprob
+
+        out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
+        for rows in batch.micro_batches(self.cfg.actor.micro_batch_tokens):
+            sub = batch.select(rows)
+            hidden = packed_hidden_states(model, sub.input_ids, sub.position_ids)
+            logp = linear_logprob(hidden, lm_head_weight(model), sub.targets, temperature=self.loss_cfg.temperature)
+            index = torch.cat([torch.arange(int(batch.cu_seqlens[r]), int(batch.cu_seqlens[r + 1])) for r in rows])
+            out[index.to(self.device)] = logp.float()
+        return out
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    @staticmethod
+    def _encoder(tokenizer):
+        return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    @staticmethod
+    def _decoder(tokenizer):
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _encode(self, text: str) -> list[int]:
+        return self._encoder(self.tokenizer)(text)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._decoder(self.tokenizer)(ids)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out accuracy (``EVAL_SAMPLES_PER_PROMPT`` samples per prompt at the rollout temperature) and
+        correction success (as many samples per failure) on a fixed set of held-out failures, collected by the
+        first evaluation — the same failures before and after training, so the two numbers compare."""
+        rows = self.val_rows[: self.cfg.trainer.eval_prompts]
+        if not rows:
+            return {}
+        seed = step_seed(self.cfg.trainer.seed + EVAL_SEED_OFFSET, 0, 0)
+        prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
+        out = self._generate(prompt_ids, EVAL_SAMPLES_PER_PROMPT, seed)
+        scores = self.scorer.score([rows[k // out.n] for k in range(len(out))], out.texts)
+        result = {"eval/accuracy": _mean([s >= 1.0 for s in scores])}
+        if "held_out_failures" not in self.history:
+            failures = [(k // out.n, out.texts[k]) for k, s in enumerate(scores) if s < 1.0]
+            self.history["held_out_failures"] = failures[:MAX_HELD_OUT_FAILURES]
+        failures = self.history["held_out_failures"]
+        if failures:
+            prompts = [self.alg.template.build(rows[i]["prompt"], text, encode=self._encode, decode=self._decode)
+                       for i, text in failures]
+            corr_ids = [self._prompt_ids(p.messages) for p in prompts]
+            corr_out = self._generate(corr_ids, EVAL_SAMPLES_PER_PROMPT, seed + 1)
+            corr_scores = self.scorer.score([rows[failures[k // corr_out.n][0]] for k in range(len(corr_out))],
+                                            corr_out.texts)
+            result["eval/correction_success"] = _mean([s >= 1.0 for s in corr_scores])
+        return result
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def train(self) -> dict[str, Any]:
+        """Train ``trainer.total_steps`` steps (from where a resumed run stopped); write metrics, plot, summary."""
+        from tqdm.auto import tqdm
+
+        tcfg = self.cfg.trainer
+        metrics_path = self.run_dir / "metrics.jsonl"
+        _truncate_metrics(metrics_path, self.step)
+        started = time.perf_counter()
+        if "eval_before" not in self.history:
+            self.history["eval_before"] = self.evaluate()
+        bar = tqdm(total=tcfg.total_steps, initial=self.step, desc="cipo", disable=not tcfg.progress,
+                   dynamic_ncols=True)
+        while self.step < tcfg.total_steps:
+            metrics = self.train_step()
+            if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.total_steps:
+                metrics.update(self.evaluate())
+            with metrics_path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(metrics, sort_keys=True) + "\n")
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['base/reward']:.2f}", acc=f"{metrics['base/accuracy']:.2f}",
+                            corr=f"{metrics.get('corr/success', float('nan')):.2f}",
+                            rho=f"{metrics['replay/rho']:.2f}")
+            if tcfg.save_every and self.step % tcfg.save_every == 0:
+                self.save()
+        bar.close()
+        self.history["eval_after"] = self.evaluate()
+        summary = self._summary(time.perf_counter() - started)
+        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        from .plots import plot_curves
+
+        plot_curves(metrics_path, self.run_dir / "curves.png", summary)
+        return summary
+
+    def _summary(self, seconds: float) -> dict[str, Any]:
+        before, after = self.history.get("eval_before", {}), self.history.get("eval_after", {})
+        return {
+            "steps": self.step,
+            "train_seconds": seconds,
+            "eval_accuracy_before": before.get("eval/accuracy"),
+            "eval_accuracy_after": after.get("eval/accuracy"),
+            "correction_success_before": before.get("eval/correction_success"),
+            "correction_success_after": after.get("eval/correction_success"),
+            "held_out_prompts": min(len(self.val_rows), self.cfg.trainer.eval_prompts),
+            "held_out_failures": len(self.history.get("held_out_failures", [])),
+            "warmstart": self.history.get("warmstart"),
+            "rollout_engine": type(self.engine).__name__,
+        }
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def save(self) -> Path:
+        payload = {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_state(),
+            "stream": self.stream.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "controller": self.controller.state_dict(),
+            "pool": self.pool.state_dict(),
+            "history": self.history,
+            "config": config_to_dict(self.cfg),
+        }
+        return save_checkpoint(self.run_dir, self.step, payload, keep=self.cfg.trainer.keep_checkpoints)
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.stream.load_state_dict(payload["stream"])
+        self.tracker.load_state_dict(payload["tracker"])
+        self.controller.load_state_dict(payload["controller"])
+        self.pool.load_state_dict(payload["pool"])
+        self.history = payload["history"]
+        self.step = int(payload["step"])
+        set_rng_state(payload["rng"])
+
+    def close(self) -> None:
+        self.engine.close()
+        self.scorer.close()
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def materialized_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch,
+                             config: PolicyLossConfig, **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """The unfused path: full fp32 logits ``[n, V]``, log-softmax, gather (what verl does by default). For
+    comparisons only — it is exactly the memory the fused loss exists to avoid."""
+    from ..loss import cipo_policy_loss
+
+    logits = (hidden.float() @ weight.float().t()) / config.temperature
+    safe_targets = batch.targets.clamp(min=0)
+    logp = torch.log_softmax(logits, dim=-1).gather(1, safe_targets[:, None])[:, 0]
+    if batch.old_logp is None:
+        batch = copy.copy(batch)
+        batch.old_logp = logp.detach()
+    return cipo_policy_loss(logp, batch, config, **kwargs)
+
+
+def _stream_normalizers(batch: PackedBatch, mode: str) -> tuple[Optional[float], Optional[float]]:
+    """Global per-stream denominators for micro-batched mean aggregation (None for the sum modes)."""
+    def positive(count: float) -> Optional[float]:
+        return count if count > 0 else None  # an empty stream contributes exactly 0 without a normaliser
+
+    if mode == "token-mean":
+        return (positive(float(batch.num_loss_tokens(BASE_STREAM))),
+                positive(float(batch.num_loss_tokens(CORRECTION_STREAM))))
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+        counts = torch.zeros(batch.num_seqs, device=batch.device).index_add_(
+            0, batch.seq_index(), batch.loss_mask.float())
+        present = counts > 0
+        return (positive(float((present & (batch.stream == BASE_STREAM)).sum())),
+                positive(float((present & (batch.stream == CORRECTION_STREAM)).sum())))
+    return None, None
+
+
+def _grad_norm(model: torch.nn.Module) -> float:
+    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metric lines of steps ≤ ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
