@@ -83,10 +83,11 @@ Further choices
 
 Implementations: the Triton epilogue :func:`_fused_epilogue_kernel` (CUDA, or CPU tensors under
 ``CIPO_FORCE_TRITON=1`` with ``TRITON_INTERPRET=1``) and a chunked torch epilogue with the same memory bound (the
-CPU path; fp64 always takes it). Its per-token math, :func:`_policy_token_terms`, is a ``@triton.jit`` helper that
-repeats ``policy_loss._policy_loss_fwd_kernel``'s formulas and tie conventions (the tests pin both against the
-same reference). Races: a program owns ``BLOCK_R`` rows of the tile and of every per-row buffer and one row of
-the partial-sum buffer; it reads each block of its rows before overwriting it; no atomics.
+CPU path; fp64 always takes it). Its per-token math is :func:`._policy_math.policy_token_terms`, the
+``@triton.jit`` helper that ``policy_loss._policy_loss_fwd_kernel`` calls too (one copy of the formulas and tie
+conventions; the tests pin both kernels against the same reference). Races: a program owns ``BLOCK_R`` rows of
+the tile and of every per-row buffer and one row of the partial-sum buffer; it reads each block of its rows
+before overwriting it; no atomics.
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ try:
     import triton
     import triton.language as tl
 
+    from ._policy_math import policy_token_terms
+
     HAS_TRITON = True
 except ImportError:  # CPU-only installs without triton keep the torch path
     HAS_TRITON = False
@@ -140,87 +143,10 @@ _NUM_COLS = 3 * _NUM_PARTS + 5
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Triton: per-token policy terms (jit helper) and the fused epilogue
+# Triton: the fused epilogue (per-token policy terms: ._policy_math)
 # ---------------------------------------------------------------------------------------------------------------
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _policy_token_terms(
-        logp, old, adv, m, ref, tis_in, clip_low, clip_high, clip_c, log_cap, kl_coef,
-        DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr, KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr,
-        RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr,
-    ):
-        """Per-token terms of DESIGN §4 for a block of tokens (any shape), fp32, masked by ``m``.
-
-        Returns ``(pg, kl, dl, neg_log_ratio, clipped, clipped_lower, tis_capped)``: ``pg = Lc·w`` (dual-clipped),
-        ``kl`` (0 when ``KL_MODE == 0``), ``dl = dℓ/dlogp`` of ``ℓ = pg + β·kl`` (β only when ``KL_IN_LOSS``),
-        ``−clamp(logp − old)`` and the metric flags; every output is 0/False where ``m`` is False (selected,
-        never multiplied: NaN/inf outside the mask cannot leak). Derivatives follow autograd of the reference:
-        ``clamp`` passes the gradient on its closed interval, ``max``/``min`` split ties half/half, ``abs'`` is
-        ``sign``, the TIS weight is a constant. ``tis_in`` is the rollout log-prob (``TIS_MODE == 1``) or the
-        per-token log-weight (``TIS_MODE == 2``).
-        """
-        d = logp - old
-        dc = tl.minimum(tl.maximum(d, -RATIO_CLAMP), RATIO_CLAMP)
-        ratio = tl.exp(dc)
-        dratio = tl.where((d >= -RATIO_CLAMP) & (d <= RATIO_CLAMP), ratio, 0.0)
-        pg1 = -adv * ratio
-        pg2 = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-        lc = tl.maximum(pg1, pg2)
-        share1 = tl.where(pg1 > pg2, 1.0, tl.where(pg1 == pg2, 0.5, 0.0))
-        inside = (ratio >= clip_low) & (ratio <= clip_high)
-        dlc = -adv * dratio * (share1 + tl.where(inside, 1.0 - share1, 0.0))
-        clipped = pg2 > pg1
-        never = logp != logp  # all-False of the block's shape for finite logp; masked by m below anyway
-        if DUAL_CLIP:
-            pg3 = -adv * clip_c
-            neg = adv < 0
-            pg = tl.where(neg, tl.minimum(pg3, lc), lc)
-            keep = tl.where(lc < pg3, 1.0, tl.where(lc == pg3, 0.5, 0.0))
-            dpg = tl.where(neg, dlc * keep, dlc)
-            clipped_lower = neg & (lc > pg3)
-        else:
-            pg = lc
-            dpg = dlc
-            clipped_lower = never
-        tis_capped = never
-        if TIS_MODE != 0:
-            if TIS_MODE == 1:
-                log_w = tl.where(m, old - tis_in, 0.0)
-            else:
-                log_w = tis_in
-            tis_capped = log_w > log_cap
-            w = tl.exp(tl.minimum(log_w, log_cap))  # min(exp(Δ), C) without overflow
-            pg = pg * w
-            dpg = dpg * w
-        dl = dpg
-        kl = tl.zeros_like(logp)
-        if KL_MODE != 0:
-            diff = logp - ref
-            if KL_MODE == 1:
-                kl = diff
-                dkl = tl.zeros_like(diff) + 1.0
-            elif KL_MODE == 2:
-                kl = 0.5 * diff * diff
-                dkl = diff
-            elif KL_MODE == 3:
-                nx = -diff
-                x = tl.minimum(tl.maximum(nx, -K3_X_CLAMP), K3_X_CLAMP)
-                ex = tl.exp(x)
-                e = ex - x - 1.0
-                kl = tl.minimum(tl.maximum(e, -K3_Y_CLAMP), K3_Y_CLAMP)
-                live = (nx >= -K3_X_CLAMP) & (nx <= K3_X_CLAMP) & (e >= -K3_Y_CLAMP) & (e <= K3_Y_CLAMP)
-                dkl = tl.where(live, 1.0 - ex, 0.0)
-            else:
-                kl = tl.abs(diff)
-                dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-            if KL_IN_LOSS:
-                dl = dl + kl_coef * dkl
-        return (
-            tl.where(m, pg, 0.0), tl.where(m, kl, 0.0), tl.where(m, dl, 0.0), tl.where(m, -dc, 0.0),
-            m & clipped, m & clipped_lower, m & tis_capped,
-        )  # fmt: skip
 
     @triton.jit
     def _fused_epilogue_kernel(
@@ -294,7 +220,7 @@ if HAS_TRITON:
             tis_in = logp
             if TIS_MODE != 0:
                 tis_in = tl.load(tis_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-            pg, kl, dl, nlr, clipped, clipped_lower, tis_capped = _policy_token_terms(
+            pg, kl, dl, nlr, clipped, clipped_lower, tis_capped = policy_token_terms(
                 logp, old, adv, m_tok, ref, tis_in, clip_low, clip_high, clip_c, log_cap, kl_coef,
                 DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
             )

@@ -55,6 +55,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from ._policy_math import policy_token_terms
 from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, token_coefficients
 
 if TYPE_CHECKING:  # only for annotations: cipo.loss imports this module lazily, never the other way round
@@ -81,7 +82,8 @@ def _policy_loss_fwd_kernel(
     KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr, HAS_ENT: tl.constexpr, ENT_IN_LOSS: tl.constexpr,
     RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per-token terms and derivatives of one block; see the module docstring for the outputs."""
+    """Per-token terms and derivatives of one block (math: :func:`._policy_math.policy_token_terms`); see the
+    module docstring for the outputs."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: coef rows sit at p·N
     inb = offs < n_tokens
@@ -90,76 +92,19 @@ def _policy_loss_fwd_kernel(
     old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
 
-    # ratio = exp(clamp(logp − old, ±20)); the clamp passes the gradient on its closed interval only.
-    d = logp - old
-    dc = tl.minimum(tl.maximum(d, -RATIO_CLAMP), RATIO_CLAMP)
-    ratio = tl.exp(dc)
-    dratio = tl.where((d >= -RATIO_CLAMP) & (d <= RATIO_CLAMP), ratio, 0.0)
-
-    # Clipped surrogate Lc = max(−Aρ, −A·clip(ρ)); autograd's max splits ties, clip passes inside [lo, hi].
-    pg1 = -adv * ratio
-    pg2 = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-    lc = tl.maximum(pg1, pg2)
-    share1 = tl.where(pg1 > pg2, 1.0, tl.where(pg1 == pg2, 0.5, 0.0))
-    inside = (ratio >= clip_low) & (ratio <= clip_high)
-    dlc = -adv * dratio * (share1 + tl.where(inside, 1.0 - share1, 0.0))
-    clipped = pg2 > pg1
-    if DUAL_CLIP:
-        # For A < 0: min(Lc, −A·c); the constant side takes no gradient, a tie keeps half.
-        pg3 = -adv * clip_c
-        neg = adv < 0
-        pg = tl.where(neg, tl.minimum(pg3, lc), lc)
-        keep = tl.where(lc < pg3, 1.0, tl.where(lc == pg3, 0.5, 0.0))
-        dpg = tl.where(neg, dlc * keep, dlc)
-        clipped_lower = neg & (lc > pg3)
-    else:
-        pg = lc
-        dpg = dlc
-        clipped_lower = tl.zeros([BLOCK], dtype=tl.int1)
-
-    if TIS_MODE != 0:
-        if TIS_MODE == 1:
-            rollout = tl.load(tis_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-            log_w = tl.where(m, old - rollout, 0.0)
-        else:
-            log_w = tl.load(tis_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        tis_capped = log_w > log_cap
-        # min(exp(Δ), C) as exp(min(Δ, log C)): no overflow; the weight is a constant for the gradient.
-        w = tl.exp(tl.minimum(log_w, log_cap))
-        pg = pg * w
-        dpg = dpg * w
-
-    dl = dpg
+    ref = logp  # placeholders, never read when their mode is off
     if KL_MODE != 0:
         ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        diff = logp - ref
-        if KL_MODE == 1:
-            kl = diff
-            dkl = tl.full([BLOCK], 1.0, tl.float32)
-        elif KL_MODE == 2:
-            kl = 0.5 * diff * diff
-            dkl = diff
-        elif KL_MODE == 3:
-            nx = -diff
-            x = tl.minimum(tl.maximum(nx, -K3_X_CLAMP), K3_X_CLAMP)
-            ex = tl.exp(x)
-            e = ex - x - 1.0
-            kl = tl.minimum(tl.maximum(e, -K3_Y_CLAMP), K3_Y_CLAMP)
-            # d/dlogp (eˣ − x − 1) = (eˣ − 1)·dx/dlogp = 1 − eˣ, zero where either clamp is active.
-            live = (nx >= -K3_X_CLAMP) & (nx <= K3_X_CLAMP) & (e >= -K3_Y_CLAMP) & (e <= K3_Y_CLAMP)
-            dkl = tl.where(live, 1.0 - ex, 0.0)
-        else:
-            kl = tl.abs(diff)
-            dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
-        kl = tl.where(m, kl, 0.0)
-        if KL_IN_LOSS:
-            dl = dl + kl_coef * dkl
+    tis_in = logp
+    if TIS_MODE != 0:
+        # Token TIS: the rollout log-prob; sequence TIS: the per-token log-weight.
+        tis_in = tl.load(tis_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    pg, kl, dl, nlr, clipped, clipped_lower, tis_capped = policy_token_terms(
+        logp, old, adv, m, ref, tis_in, clip_low, clip_high, clip_c, log_cap, kl_coef,
+        DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
+    )
     if HAS_ENT:
         ent = tl.where(m, tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
-
-    # Select, never multiply: masked tokens give exact zeros even when their inputs are NaN or inf.
-    pg = tl.where(m, pg, 0.0)
-    dl = tl.where(m, dl, 0.0)
 
     row = partial_ptr + pid * NUM_COLS
     c_total = tl.zeros([BLOCK], dtype=tl.float32)
@@ -178,11 +123,11 @@ def _policy_loss_fwd_kernel(
 
     met = row + 3 * NUM_PARTS
     tl.store(met + 0, tl.sum(tl.where(m, 1.0, 0.0), axis=0))
-    tl.store(met + 1, tl.sum(tl.where(m & clipped, 1.0, 0.0), axis=0))
-    tl.store(met + 2, tl.sum(tl.where(m & clipped_lower, 1.0, 0.0), axis=0))
-    tl.store(met + 3, tl.sum(tl.where(m, -dc, 0.0), axis=0))
+    tl.store(met + 1, tl.sum(tl.where(clipped, 1.0, 0.0), axis=0))
+    tl.store(met + 2, tl.sum(tl.where(clipped_lower, 1.0, 0.0), axis=0))
+    tl.store(met + 3, tl.sum(nlr, axis=0))
     if TIS_MODE != 0:
-        tl.store(met + 4, tl.sum(tl.where(m & tis_capped, 1.0, 0.0), axis=0))
+        tl.store(met + 4, tl.sum(tl.where(tis_capped, 1.0, 0.0), axis=0))
 
 
 @dataclass
