@@ -26,7 +26,8 @@ TINY = REPO / "configs" / "tiny.yaml"
 # Small enough for CI: 4 prompts x 4 rollouts, 4 correction prompts x 2, short responses, no warm start.
 # The tiny model here has hidden 64 and MLP 96 < vocab 103, so that only the logits could reach T x V.
 FAST = [
-    "warmstart.max_steps=0", "trainer.total_steps=2", "trainer.save_every=1", "trainer.progress=false",
+    "warmstart.max_steps=0", "trainer.total_steps=2", "trainer.num_threads=1", "trainer.save_every=1",
+    "trainer.progress=false",
     "trainer.eval_prompts=4", "data.synthetic_train_size=64", "data.synthetic_val_size=8",
     "algorithm.train_batch_size=4", "algorithm.rollouts_per_prompt=4", "algorithm.correction_batch_size=4",
     "algorithm.correction_rollouts=2", "algorithm.template={max_attempt_tokens: 24}",
