@@ -33,6 +33,8 @@ setup(
         "gpu": ["vllm>=0.10", "flash-attn>=2.7"],
         "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
         "parquet": ["pyarrow>=14"],
+        # baselines of bench/ (pure-Python; install with --no-deps to keep torch as it is)
+        "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1"],
     },
     entry_points={"console_scripts": ["cipo=cipo.cli:main"]},
 )
