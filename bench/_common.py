@@ -26,6 +26,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from cipo.profiling import cpu_peak_alloc_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 MiB = 2**20
@@ -131,20 +133,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cpu_peak_bytes(fn: Callable[[], Any]) -> int:
-    """Peak of (bytes allocated − bytes freed) by PyTorch's CPU allocator while ``fn`` runs (profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     sync(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -155,7 +143,7 @@ def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
-    return cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_bytes(fn)
+    return cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_alloc_bytes(fn)
 
 
 class Timer:

@@ -40,25 +40,13 @@ os.environ.setdefault("CIPO_FORCE_TRITON", "0")  # the CPU path, not the Triton 
 import torch  # noqa: E402
 from cipo.kernels.fused_linear_policy_loss import fused_linear_policy_loss  # noqa: E402
 from cipo.kernels.linear_logprob import linear_logprob  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from cipo.config import PolicyLossConfig  # noqa: E402  (submodules: works however `cipo` is put on the path)
 from cipo.loss import cipo_policy_loss  # noqa: E402
 from cipo.packing import PackedBatch, SequenceSample  # noqa: E402
+from cipo.profiling import cpu_peak_alloc_bytes  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fused_loss_cpu.json"
-
-
-def peak_alloc_bytes(fn: Callable[[], None]) -> int:
-    """Peak of (bytes allocated − bytes freed) by CPU tensors while ``fn`` runs (profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def make_batch(T: int, V: int, seq_len: int, prompt_len: int, seed: int = 0) -> PackedBatch:
@@ -92,7 +80,7 @@ def peak_extra_bytes(run: Callable[[], None], reset: Callable[[], None], device:
     """Peak extra memory of one ``run``: CPU — profiler memory events; CUDA — the allocator's peak."""
     reset()
     if device.type != "cuda":
-        return peak_alloc_bytes(run)
+        return cpu_peak_alloc_bytes(run)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -114,7 +102,7 @@ def measure_all(variants: dict[str, Callable[[], None]], reset: Callable[[], Non
         for n in names:
             reset()
             w0, c0 = time.perf_counter(), time.process_time()
-            peaks[n] = peak_alloc_bytes(variants[n])
+            peaks[n] = cpu_peak_alloc_bytes(variants[n])
             walls[n].append(time.perf_counter() - w0)
             cpus[n].append(time.process_time() - c0)
     else:

@@ -22,19 +22,8 @@ os.environ.setdefault("CIPO_FORCE_TRITON", "0")  # the CPU path, not the Triton 
 import torch  # noqa: E402
 from cipo.kernels.linear_logprob import linear_logprob  # noqa: E402
 from cipo.kernels.linear_logprob_ref import linear_logprob_reference  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-
-def peak_alloc_bytes(fn: Callable[[], None]) -> int:
-    """Peak of (bytes allocated − bytes freed) by CPU tensors while ``fn`` runs (profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
+from cipo.profiling import cpu_peak_alloc_bytes  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], None], repeats: int, reset: Callable[[], None]) -> float:
@@ -81,14 +70,14 @@ def main() -> None:
         if args.quick:  # the profiler adds little to a handful of large ops: time the profiled run itself
             reset()
             t0 = time.perf_counter()
-            peak = peak_alloc_bytes(run)
+            peak = cpu_peak_alloc_bytes(run)
             seconds = time.perf_counter() - t0
         else:
             reset()
             run()  # warm-up
             seconds = median_seconds(run, repeats, reset)
             reset()
-            peak = peak_alloc_bytes(run)
+            peak = cpu_peak_alloc_bytes(run)
         results[name] = (seconds, peak)
 
     base_s, base_mem = results["naive fp32"]

@@ -53,10 +53,10 @@ from cipo.kernels._chunking import plan_chunks
 from cipo.kernels.fused_linear_policy_loss import fused_linear_policy_loss
 from cipo.kernels.linear_logprob import linear_logprob
 from cipo.kernels.policy_loss_ref import aggregate, token_terms
-from torch.profiler import ProfilerActivity, profile
 
 from cipo import PackedBatch, PolicyLossConfig, SequenceSample, cipo_policy_loss
 from cipo.loss import flatten_inputs
+from cipo.profiling import cpu_peak_alloc_bytes
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
 TOL_SUM = 1e-5
@@ -652,18 +652,6 @@ def test_tiling_choice_at_gpu_shapes():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _peak_alloc_bytes(fn) -> int:
-    """Peak of (bytes allocated − bytes freed) by CPU tensors while ``fn`` runs, from the profiler's memory events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def test_cpu_path_memory_bound(monkeypatch):
     """fwd+bwd at T=8192, V=32000, H=256 (token tiling, entropy in the loss): peak extra memory ≤ 2 tiles (the
     tile + the torch epilogue's ``exp``) + the gradients + the fp32 dW accumulator + 2·T·H·4 (room for a gathered
@@ -685,7 +673,7 @@ def test_cpu_path_memory_bound(monkeypatch):
         loss, _ = fused_linear_policy_loss(hidden, weight, batch, config)
         loss.backward()
 
-    peak = _peak_alloc_bytes(fused)
+    peak = cpu_peak_alloc_bytes(fused)
     plan = plan_chunks(int(batch.loss_mask.sum()), V, torch.device("cpu"))
     tile = plan.tile_elems * 4
     grads = (T * H + V * H) * 4

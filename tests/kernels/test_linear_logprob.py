@@ -39,7 +39,8 @@ from cipo.kernels.linear_logprob import (
     update_row_stats_,
 )
 from cipo.kernels.linear_logprob_ref import linear_logprob_reference
-from torch.profiler import ProfilerActivity, profile
+
+from cipo.profiling import cpu_peak_alloc_bytes
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(), "conftest sets TRITON_INTERPRET"
 
@@ -424,18 +425,6 @@ def test_chunk_plan_rule():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _peak_alloc_bytes(fn) -> int:
-    """Peak of (bytes allocated − bytes freed) by CPU tensors while ``fn`` runs, from the profiler's memory events."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    current = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        current += e.nbytes()
-        peak = max(peak, current)
-    return peak
-
-
 def test_cpu_path_memory_bound(monkeypatch):
     """fwd+bwd at T=8192, V=32000, H=256: peak extra memory ≤ 3 tiles + the gradients, far below T × V."""
     monkeypatch.setenv("CIPO_FORCE_TRITON", "0")
@@ -450,7 +439,7 @@ def test_cpu_path_memory_bound(monkeypatch):
         logp, ent = linear_logprob(hidden, weight, targets, 1.0, True)
         (logp.sum() + ent.sum()).backward()
 
-    peak = _peak_alloc_bytes(chunked)
+    peak = cpu_peak_alloc_bytes(chunked)
     plan = plan_chunks(T, V, hidden.device)
     tile_bytes = plan.tile_elems * 4
     grads = (T * H + V * H) * 4
@@ -467,4 +456,4 @@ def test_cpu_path_memory_bound(monkeypatch):
         logp, ent = linear_logprob_reference(h2, weight, t2, 1.0, True)
         (logp.sum() + ent.sum()).backward()
 
-    assert _peak_alloc_bytes(naive) >= T2 * V * 4
+    assert cpu_peak_alloc_bytes(naive) >= T2 * V * 4
