@@ -62,7 +62,8 @@ def test_gpu_plan_runs_shrunk_on_cpu(tmp_path: Path) -> None:
     assert shape["shape"]["tag"] == "issue-3" and shape["shape"]["dtype"] == "bfloat16"
     rows = {r["method"]: r for r in shape["rows"]}
     assert rows["matmul"]["status"] == "ok" and rows["fused"]["time_vs_matmul"] > 0
-    assert rows["liger_flce"]["status"].startswith("n/a on CPU")
+    # Liger's fused linear CE is CUDA-only; without the `bench` extra it is not even importable.
+    assert rows["liger_flce"]["status"].startswith(("n/a on CPU", "skipped: liger-kernel not importable"))
     md = (tmp_path / "gpu-quick.md").read_text()
     assert "Issue-3 targets" in md
     out = _run(["summary", str(tmp_path / "gpu-quick.json")], timeout=60).stdout
