@@ -17,6 +17,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -101,16 +102,9 @@ def bench(verifier, items, workers: int) -> dict:
             "reasons": {k: sum(r.reason == k for r in res) for k in sorted({r.reason for r in res})}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2k math answers and 200 programs")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
-    n_math, n_code = (2000, 200) if args.quick else (10000, 1000)
-    caps = detect_capabilities()
-    load_start = [round(x, 2) for x in os.getloadavg()]
+def bench_all(n_math: int, n_code: int, report: Callable[[dict], None]) -> list[dict]:
+    """Both verifiers with 1 and 2 workers: one row per run, each passed to ``report`` as it finishes."""
     rows = []
-    t_start = time.perf_counter()
     for name, verifier, items in (
         ("math", MathVerifier(), math_items(n_math)),
         ("code", CodeVerifier(timeout_s=5.0, memory_mb=512), code_items(n_code)),
@@ -119,8 +113,22 @@ def main() -> None:
             r = bench(verifier, items, workers)
             r["verifier"] = name
             rows.append(r)
-            print(f"{name:5s} workers={workers} n={r['n']:6d} {r['seconds']:8.2f} s {r['per_s']:9.1f} /s "
-                  f"{r['worker_cpu_ms_per_item']:7.2f} CPU-ms/item  mean score {r['mean_score']:.3f}", flush=True)
+            report(r)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2k math answers and 200 programs")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    n_math, n_code = (2000, 200) if args.quick else (10000, 1000)
+    caps = detect_capabilities()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    t_start = time.perf_counter()
+    rows = bench_all(n_math, n_code, lambda r: print(
+        f"{r['verifier']:5s} workers={r['workers']} n={r['n']:6d} {r['seconds']:8.2f} s {r['per_s']:9.1f} /s "
+        f"{r['worker_cpu_ms_per_item']:7.2f} CPU-ms/item  mean score {r['mean_score']:.3f}", flush=True))
     print("\n| verifier | workers | items | seconds | verifications/s | worker CPU ms/item |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -19,23 +19,15 @@ SIZES = {"full": (10000, 1000), "quick": (2000, 200)}
 
 
 def run(n_math: int, n_code: int) -> dict[str, Any]:
-    from bench.bench_verifiers import bench, code_items, math_items
-    from cipo.rewards import CodeVerifier, MathVerifier, detect_capabilities
+    from bench.bench_verifiers import bench_all
+    from cipo.rewards import detect_capabilities
 
     caps = detect_capabilities()
     load_start = [round(x, 2) for x in os.getloadavg()]
     t0 = time.perf_counter()
-    rows = []
-    for name, verifier, items in (
-        ("math", MathVerifier(), math_items(n_math)),
-        ("code", CodeVerifier(timeout_s=5.0, memory_mb=512), code_items(n_code)),
-    ):
-        for workers in (1, 2):
-            r = bench(verifier, items, workers)
-            r["verifier"] = name
-            rows.append(r)
-            log(f"[verifiers] {name} workers={workers} n={r['n']} {r['per_s']} /s "
-                f"{r['worker_cpu_ms_per_item']} CPU-ms/item mean score {r['mean_score']}")
+    rows = bench_all(n_math, n_code, lambda r: log(
+        f"[verifiers] {r['verifier']} workers={r['workers']} n={r['n']} {r['per_s']} /s "
+        f"{r['worker_cpu_ms_per_item']} CPU-ms/item mean score {r['mean_score']}"))
     expected = {"math": 0.5, "code": 2 / 3}  # the generators' share of correct items (bench_verifiers' check)
     bad = [r for r in rows if abs(r["mean_score"] - expected[r["verifier"]]) > 0.05]
     return {"section": "verifiers", "sizes": {"math": n_math, "code": n_code}, "rows": rows,

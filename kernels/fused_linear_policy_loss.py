@@ -114,7 +114,14 @@ from ._chunking import (
 )
 from ._dispatch import use_triton
 from .linear_logprob import IGNORE_INDEX, OnlineRowStats, softmax_grad_, update_row_stats_
-from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, token_coefficients, token_terms
+from .policy_loss_ref import (
+    K3_CLAMP,
+    K3_LOG_RATIO_CLAMP,
+    LOG_RATIO_CLAMP,
+    part_losses,
+    token_coefficients,
+    token_terms,
+)
 
 if TYPE_CHECKING:
     from ..config import PolicyLossConfig
@@ -673,19 +680,6 @@ class _Setup:
     dw_accum: str
 
 
-def _part_losses(sums: torch.Tensor, k: _Consts) -> list[torch.Tensor]:
-    """``PG_p + β·KL_p − γ·H_p`` per part (float64 0-dim), the terms present exactly as in the reference."""
-    out = []
-    for p in range(_NUM_PARTS):
-        part = sums[3 * p]
-        if k.kl_in_loss:
-            part = part + k.kl_coef * sums[3 * p + 1]
-        if k.ent_in_loss:
-            part = part - k.ent_coef * sums[3 * p + 2]
-        out.append(part)
-    return out
-
-
 class _FusedLinearPolicyLoss(torch.autograd.Function):
     """Forward computes the loss and the finished ``dH``, ``dW``; backward scales them by the incoming scalar."""
 
@@ -707,7 +701,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             full = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
             d_h = full.index_copy_(0, setup.rows, d_h)
         loss = None
-        for weight_p, part in zip(k.part_weights, _part_losses(sums, k)):
+        for weight_p, part in zip(k.part_weights, part_losses(sums, _NUM_PARTS, k)):
             loss = part * weight_p if loss is None else loss + part * weight_p
         ctx.grads = (d_h, d_w)
         ctx.mark_non_differentiable(sums)
@@ -988,7 +982,7 @@ def _metrics(sums: torch.Tensor, k: _Consts, token_counts: torch.Tensor) -> dict
     from ..loss import metrics_to_floats  # lazy: cipo.loss is imported by cipo, this module lazily by cipo
 
     named: dict[str, torch.Tensor] = {}
-    for name, value in zip(("base", "corr"), _part_losses(sums, k)):
+    for name, value in zip(("base", "corr"), part_losses(sums, _NUM_PARTS, k)):
         named[f"loss/{name}"] = value
 
     def weighted(col: int) -> torch.Tensor:

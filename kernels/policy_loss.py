@@ -56,7 +56,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from ._policy_math import policy_token_terms
-from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, token_coefficients
+from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, part_losses, token_coefficients
 
 if TYPE_CHECKING:  # only for annotations: cipo.loss imports this module lazily, never the other way round
     from ..config import PolicyLossConfig
@@ -185,19 +185,6 @@ def _launch(logp: torch.Tensor, entropy: Optional[torch.Tensor], plan: _Plan
     return partials.sum(0, dtype=torch.float64), dlogp, dent
 
 
-def _part_losses(sums: torch.Tensor, plan: _Plan) -> list[torch.Tensor]:
-    """``[PG_p + β·KL_p − γ·H_p]`` per part (float64 0-dim), the terms present exactly as in the reference."""
-    out = []
-    for p in range(len(plan.part_weights)):
-        part = sums[3 * p]
-        if plan.kl_in_loss:
-            part = part + plan.kl_coef * sums[3 * p + 1]
-        if plan.ent_in_loss:
-            part = part - plan.ent_coef * sums[3 * p + 2]
-        out.append(part)
-    return out
-
-
 class _PolicyLossFunction(torch.autograd.Function):
     """``loss = Σ_p weight_p·agg_p(ℓ)`` from ``logp [N]`` (and ``entropy [N]``); backward scales stored grads."""
 
@@ -206,7 +193,7 @@ class _PolicyLossFunction(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         sums, dlogp, dent = _launch(logp, entropy, plan)
         loss = None
-        for weight, part in zip(plan.part_weights, _part_losses(sums, plan)):
+        for weight, part in zip(plan.part_weights, part_losses(sums, len(plan.part_weights), plan)):
             loss = part * weight if loss is None else loss + part * weight
         loss = loss.to(logp.dtype)
         ctx.mark_non_differentiable(sums)
@@ -296,8 +283,8 @@ def policy_loss_triton(flat: "FlatInputs", config: "PolicyLossConfig", parts: li
     loss, sums = _PolicyLossFunction.apply(flat.logp.contiguous(), entropy, plan)
 
     named: dict[str, torch.Tensor] = {}
-    part_losses = _part_losses(sums, plan)
-    for part, value in zip(parts, part_losses):
+    losses = part_losses(sums, len(plan.part_weights), plan)
+    for part, value in zip(parts, losses):
         named[f"loss/{part.name}"] = value
 
     def weighted(col: int) -> torch.Tensor:
