@@ -21,6 +21,7 @@ setup(
         "triton>=3.3",
         "transformers>=4.56,<5.20",
         "deepspeed>=0.17",
+        "accelerate>=1.1",  # transformers loads ZeRO-3-partitioned models (HfDeepSpeedConfig) through it
         "math-verify>=0.8",
         "pyyaml>=6",
         "tqdm>=4.66",

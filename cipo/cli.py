@@ -1,4 +1,5 @@
-"""The ``cipo`` command: ``cipo train CONFIG [--set key=value ...] [--resume]`` and ``cipo generate``."""
+"""The ``cipo`` command: ``cipo train CONFIG [--set key=value ...] [--resume]``, ``cipo generate`` and
+``cipo export``."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = trainer.train()
     finally:
         trainer.close()
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"run directory: {Path(config.trainer.run_dir).resolve()}")
+    if trainer.dist.is_main:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(f"run directory: {Path(config.trainer.run_dir).resolve()}")
     return 0
 
 
@@ -28,7 +30,8 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .rollout import SamplingConfig, make_engine
-    from .trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from .trainer.checkpoint import latest_checkpoint
+    from .trainer.export import checkpoint_weights
     from .warmstart import chat_prompt_ids
 
     run_dir = Path(args.run_dir)
@@ -38,8 +41,7 @@ def _generate(args: argparse.Namespace) -> int:
     engine = make_engine("hf", model_dir)
     checkpoint = latest_checkpoint(run_dir) if (run_dir / "checkpoints").exists() else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint)["model"]
-        engine.update_weights(state.items())
+        engine.update_weights(checkpoint_weights(checkpoint).items())
         print(f"weights: {checkpoint}", file=sys.stderr)
     tokenizer = engine.tokenizer
     prompt = chat_prompt_ids(tokenizer, args.prompt)
@@ -51,8 +53,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .trainer.export import export_checkpoint
+
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / ("hf_model" if args.step is None else f"hf_model_step{args.step}")
+    export_checkpoint(run_dir, out, step=args.step)
+    print(f"HF model: {out.resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cipo", description="Correction-Oriented Policy Optimization")
+    # The `deepspeed` launcher passes --local_rank=N to every process (LOCAL_RANK in the environment says the same).
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train with CIPO (or GRPO) from a YAML config")
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
@@ -68,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--seed", type=int, default=0)
     gen.set_defaults(func=_generate)
+    export = sub.add_parser("export", help="write a checkpoint (single-process or DeepSpeed) as an HF model")
+    export.add_argument("run_dir")
+    export.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
+    export.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf_model[_stepN])")
+    export.set_defaults(func=_export)
     return parser
 
 

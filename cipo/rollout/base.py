@@ -32,10 +32,12 @@ class SamplingConfig:
         top_p: nucleus mass in (0, 1]; 1 disables it.
         top_k: keep the k most likely tokens; -1 or 0 disables it.
         max_tokens: maximum completion length (the eos token counts).
-        seed: base seed: the same call with the same seed reproduces the same completions on the same engine
-            (vLLM seeds prompt i with ``seed + i``; HF seeds each micro-batch with ``seed`` + its first prompt
-            index; the two engines draw different samples). The trainer should vary it per step
-            (e.g. ``seed + step * 100003``). ``None`` draws from the engine's own random state.
+        seed: base seed. Both engines sample prompt i of a call as if it were seeded with ``seed + i`` alone,
+            independently of the other prompts in the call and of micro-batching, so a data-parallel rank that
+            generates prompts [k, k + m) of a global batch with ``seed + k`` gets the completions one process
+            generating the whole batch with ``seed`` gets (up to floating-point ties of the logits; the two
+            engines draw different samples). The trainer should vary it per step (e.g.
+            ``seed + step * 100003``). ``None`` draws from (and advances) the engine's own random state.
         return_logprobs: report sampled-token logprobs (see the module docstring for their definition).
     """
 
@@ -153,6 +155,15 @@ class RolloutEngine(abc.ABC):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy policy weights (HF parameter names, e.g. ``model.layers.0.self_attn.q_proj.weight``) into the
         engine. Affects every later ``generate``; a subset of the parameters may be passed."""
+
+    def sleep(self) -> None:  # noqa: B027 - optional hook
+        """Release accelerator memory until the next ``update_weights``/``generate``/``wake_up`` (optional).
+
+        Meant for a trainer that shares the device with the engine: call it after generating, before the
+        training step. Engines without such support (and every engine on CPU) treat it as a no-op."""
+
+    def wake_up(self) -> None:  # noqa: B027 - optional hook
+        """Undo ``sleep`` (optional; ``update_weights`` and ``generate`` wake the engine themselves)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engine resources (optional)."""

@@ -1,4 +1,12 @@
-"""Rollouts with transformers' ``generate`` (fallback when vLLM is not installed, or chosen by config)."""
+"""Rollouts with transformers' ``generate`` (fallback when vLLM is not installed, or chosen by config).
+
+Seeded sampling is batch-invariant, as in vLLM: with ``SamplingConfig.seed = s``, sample ``j`` of prompt ``i`` is
+drawn from its own generator seeded with ``(s + i, j)``, so a prompt's completions do not depend on the other
+prompts of the call, on ``micro_batch``, or on where the call's prompts sit in a larger (data-parallel) batch.
+``generate`` then decodes greedily over ``warped logits + Gumbel noise`` (the Gumbel-max trick: the argmax is an
+exact sample of the warped softmax) instead of calling ``torch.multinomial`` on the global RNG, whose draws for a
+row depend on the whole batch.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +23,65 @@ from cipo.rollout.base import (
     SamplingConfig,
     validate_prompts,
 )
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64 finaliser: a bijective 64-bit mix (unrelated inputs -> unrelated generator seeds)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def row_seed(prompt_seed: int, sample: int) -> int:
+    """Generator seed of sample ``sample`` (0..n-1) of a prompt seeded with ``prompt_seed``; in [0, 2**64).
+
+    Mixed rather than e.g. ``prompt_seed * n + sample`` so that (prompt, sample) pairs of different calls or steps
+    do not share streams; its low 32 bits (all a CPU generator uses) are mixed too.
+    """
+    return _splitmix64(_splitmix64(prompt_seed & _MASK64) ^ sample)
+
+
+class SeededGumbelSampler:
+    """A logits processor: temperature, top-k and top-p (HF's own warpers), then Gumbel noise from one
+    ``torch.Generator`` per row. (Duck-typed, so that importing this module does not import transformers.)
+
+    Used with greedy decoding (``do_sample=False``): ``argmax(warped + Gumbel)`` is a sample of
+    ``softmax(warped)``. Every row draws exactly ``V`` uniforms per step from its generator whatever the batch is,
+    so its noise stream, and hence its tokens, depend only on its seed and its own logits.
+
+    Args:
+        sampling: temperature > 0, top_k (<= 0 disables), top_p (1 disables).
+        seeds: ``[R]`` generator seeds, one per batch row, in row order.
+        device: device of the logits (the generators live there).
+    """
+
+    def __init__(self, sampling: SamplingConfig, seeds: Sequence[int], device: torch.device) -> None:
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        if sampling.greedy:
+            raise ValueError("SeededGumbelSampler needs temperature > 0")
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """``scores``: ``[R, V]`` fp32 raw logits of the step (not modified: HF keeps them for ``output_logits``).
+        Returns ``[R, V]`` warped logits + Gumbel noise (-inf where top-k / top-p removed a token)."""
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"SeededGumbelSampler has {len(self.generators)} generators, got {scores.shape[0]} rows")
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        u = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        for r, gen in enumerate(self.generators):
+            u[r].uniform_(generator=gen)
+        # -log(-log(u)) ~ Gumbel(0, 1); u == 0 gives -inf (never picked), u < 1 always.
+        return scores + -torch.log(-torch.log(u))
 
 
 class HFEngine(RolloutEngine):
@@ -68,15 +135,14 @@ class HFEngine(RolloutEngine):
         token_ids: list[list[int]] = []
         logprobs: list[list[float]] = []
         finish: list[str] = []
-        # Whole prompts per micro-batch so that prompt i's n samples come from one seeded call.
+        # Whole prompts per micro-batch (bounds the rows of one call); sampling does not depend on the split.
         per_call = max(1, self.micro_batch // n)
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(prompts), per_call):
                 chunk = prompts[start : start + per_call]
-                seed = None if sampling.seed is None else sampling.seed + start
-                ids, lps, fins = self._generate_chunk(chunk, n, sampling, seed)
+                ids, lps, fins = self._generate_chunk(chunk, n, sampling, start)
                 token_ids += ids
                 logprobs += lps
                 finish += fins
@@ -87,11 +153,13 @@ class HFEngine(RolloutEngine):
 
     @torch.no_grad()
     def _generate_chunk(
-        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, seed: int | None
+        self, prompts: list[list[int]], n: int, sampling: SamplingConfig, first: int
     ) -> tuple[list[list[int]], list[list[float]], list[str]]:
-        from transformers import GenerationConfig
+        """Sample ``n`` completions of each of ``prompts``, which are prompts ``first, first + 1, ...`` of the
+        ``generate`` call (prompt ``first + i`` is seeded with ``sampling.seed + first + i``)."""
+        from transformers import GenerationConfig, LogitsProcessorList
 
-        # HF refuses several greedy sequences per prompt; they would be identical, so decode one and copy it.
+        # Greedy sequences of one prompt are identical: decode one and copy it.
         n_req = 1 if sampling.greedy else n
         dev = self.device
         width = max(len(p) for p in prompts)
@@ -101,24 +169,33 @@ class HFEngine(RolloutEngine):
         for r, p in enumerate(prompts):
             input_ids[r, width - len(p) :] = torch.tensor(p)
             attention[r, width - len(p) :] = 1
+        # Rows are prompt-major, [P * n_req]: row r is sample r % n_req of prompt r // n_req (as HF's own expansion).
+        input_ids = input_ids.repeat_interleave(n_req, dim=0)
+        attention = attention.repeat_interleave(n_req, dim=0)
+        seeded = sampling.seed is not None and not sampling.greedy
+        # Seeded: greedy decoding over our per-row Gumbel noise; unseeded: HF's multinomial on the global RNG.
+        hf_sample = not sampling.greedy and not seeded
+        processors = LogitsProcessorList()
+        if seeded:
+            seeds = [row_seed(sampling.seed + first + r // n_req, r % n_req) for r in range(input_ids.shape[0])]
+            processors.append(SeededGumbelSampler(sampling, seeds, dev))
         gen_cfg = GenerationConfig(
-            do_sample=not sampling.greedy,
-            temperature=sampling.temperature if not sampling.greedy else None,
-            top_p=sampling.top_p if not sampling.greedy else None,
-            top_k=max(sampling.top_k, 0) if not sampling.greedy else None,  # HF: 0 disables top-k
+            do_sample=hf_sample,
+            temperature=sampling.temperature if hf_sample else None,
+            top_p=sampling.top_p if hf_sample else None,
+            top_k=max(sampling.top_k, 0) if hf_sample else None,  # HF: 0 disables top-k
             max_new_tokens=sampling.max_tokens,
-            num_return_sequences=n_req,
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
             return_dict_in_generate=True,
             output_logits=sampling.return_logprobs,
         )
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            if seed is not None:
-                torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=input_ids.to(dev), attention_mask=attention.to(dev), generation_config=gen_cfg
-            )
+        out = self.model.generate(
+            input_ids=input_ids.to(dev),
+            attention_mask=attention.to(dev),
+            generation_config=gen_cfg,
+            logits_processor=processors,
+        )
         new = out.sequences[:, width:].cpu()  # [P*n, L] (rows repeat each prompt n times, prompt-major)
         step_lp = None
         if sampling.return_logprobs and new.shape[1] > 0:

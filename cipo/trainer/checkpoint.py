@@ -1,14 +1,17 @@
 """Atomic checkpoints: nothing already written is ever lost, and a half-written file is never read.
 
-A checkpoint is one file ``step_<N>.pt`` under ``<run_dir>/checkpoints``; ``latest`` names the newest. Both
-are written to a temporary file in the same directory, flushed and fsynced, then renamed over the target
-(rename is atomic on POSIX), and the directory is fsynced so the rename itself survives a crash.
+A checkpoint is one file ``step_<N>.pt`` (one process) or one directory ``step_<N>/`` (DeepSpeed: a shard per
+rank) under ``<run_dir>/checkpoints``; ``latest`` names the newest *complete* one. Files are written to a
+temporary file in the same directory, flushed and fsynced, then renamed over the target (rename is atomic on
+POSIX), and the directory is fsynced so the rename itself survives a crash. ``latest`` moves only after the whole
+checkpoint is on disk, so a crash mid-save leaves the previous checkpoint in charge.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -68,14 +71,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int = 2) -> Path:
     """Write ``payload`` (state dicts, RNG states, plain data) as the checkpoint of ``step``; keep the newest
     ``keep`` checkpoints. Returns the checkpoint's path."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    path = ckpt_dir / f"step_{step:06d}.pt"
+    path = checkpoint_path(run_dir, step).with_suffix(".pt")
     atomic_write_bytes(path, lambda handle: torch.save(payload, handle))
+    publish_checkpoint(path, keep)
+    return path
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` goes (without suffix: a file adds ``.pt``, a directory adds nothing)."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def publish_checkpoint(path: Path, keep: int = 2) -> None:
+    """Point ``latest`` at a complete checkpoint (file or directory) and delete all but the newest ``keep``."""
+    ckpt_dir = path.parent
     atomic_write_text(ckpt_dir / LATEST, path.name + "\n")
     if keep > 0:
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
-            old.unlink()
-    return path
+        for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -84,7 +97,7 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text(encoding="utf-8").strip()
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{pointer} names {path.name}, which is missing; the run directory was edited by "
                                 "hand — point 'latest' at an existing step_*.pt")
     return path

@@ -52,6 +52,7 @@ class RolloutConfig:
     top_k: int = -1
     max_response_length: int = 64
     gpu_memory_utilization: float = 0.4
+    free_cache_engine: bool = True  # vLLM on GPU: sleep (weights to host, KV cache freed) while the trainer works
 
 
 @dataclass
@@ -67,6 +68,7 @@ class ActorConfig:
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     adv_estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     fused_loss: bool = True  # False: materialise the logits (for comparisons only)
+    strategy: Literal["torch", "deepspeed"] = "torch"  # deepspeed: ZeRO data parallelism (the `deepspeed` section)
     loss: dict = field(default_factory=dict)
 
     def loss_config(self, temperature: float) -> PolicyLossConfig:
@@ -97,6 +99,21 @@ class WarmStartConfig:
 
 
 @dataclass
+class DeepSpeedSection:
+    """DeepSpeed ZeRO, used when ``actor.strategy: deepspeed`` (launch with ``torchrun`` or ``deepspeed``).
+
+    Mixed precision follows ``model.dtype``: ``bfloat16`` trains bf16 weights with fp32 master weights.
+    ``config`` holds raw DeepSpeed JSON keys merged over the generated config (they win), e.g.
+    ``{zero_optimization: {reduce_bucket_size: 5.0e8}}``.
+    """
+
+    zero_stage: int = 2  # 2: shard optimizer states and gradients; 3: also the weights
+    offload_optimizer: bool = False  # optimizer states (and the step) on the CPU: DeepSpeed's CPU Adam
+    offload_param: bool = False  # ZeRO-3 only: weights on the CPU between uses
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
 class TrainerConfig:
     total_steps: int = 10
     prompts_per_step: int = 16
@@ -109,6 +126,7 @@ class TrainerConfig:
     device: str = "auto"
     num_threads: int = 0  # torch CPU threads; 0 keeps torch's default
     progress: bool = True
+    save_hf_model: bool = True  # after training: a consolidated HF model in <run_dir>/hf_model
 
 
 @dataclass
@@ -119,6 +137,7 @@ class TrainConfig:
     actor: ActorConfig = field(default_factory=ActorConfig)
     algorithm: dict = field(default_factory=dict)  # CIPOConfig's fields
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def cipo_config(self) -> CIPOConfig:
@@ -137,6 +156,9 @@ class TrainConfig:
             (self.trainer.total_steps >= 0, "trainer.total_steps must be >= 0"),
             (self.trainer.prompts_per_step >= 1, "trainer.prompts_per_step must be >= 1"),
             (self.trainer.save_every >= 0, "trainer.save_every must be >= 0"),
+            (self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3"),
+            (not self.deepspeed.offload_param or self.deepspeed.zero_stage == 3,
+             "deepspeed.offload_param needs deepspeed.zero_stage: 3 (only ZeRO-3 partitions the weights)"),
         ]
         for ok, message in checks:
             if not ok:

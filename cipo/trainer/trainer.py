@@ -10,12 +10,18 @@ One step (DESIGN §2)::
             ─ clip, AdamW, warm-up schedule ─ engine.update_weights(policy)
 
 The run directory holds ``metrics.jsonl`` (one line per step), ``curves.png``, ``summary.json``,
-``config.yaml``, the initial model (``init_model/``, what the engine loads) and ``checkpoints/``.
+``config.yaml``, the initial model (``init_model/``, what the engine loads), ``checkpoints/`` and the final
+policy as an HF model (``hf_model/``).
+
+Under a launcher (``torchrun``/``deepspeed``, ``actor.strategy: deepspeed``) every rank runs this same loop:
+generation is split by prompts and gathered, so all ranks hold the whole step and take the same decisions;
+training is split by whole groups (:mod:`cipo.trainer.distributed`); rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -44,16 +50,11 @@ from ..config import PolicyLossConfig
 from ..packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
 from ..rollout import RolloutBatch, SamplingConfig, make_engine, vllm_available
 from ..warmstart import chat_prompt_ids
-from .checkpoint import (
-    atomic_write_text,
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .backend import PolicyModule, export_hf, make_backend
+from .checkpoint import atomic_write_text, checkpoint_path, latest_checkpoint, publish_checkpoint
 from .config import TrainConfig, config_to_dict
-from .forward import lm_head_weight, packed_hidden_states
+from .distributed import balanced_partition, init_distributed
+from .forward import lm_head_weight
 from .prompt_stream import PromptStream
 from .scoring import RewardScorer
 
@@ -73,12 +74,18 @@ def step_seed(seed: int, step: int, phase: int) -> int:
     return (seed * 1_000_003 + step * 101 + phase) % (2**31 - 1)
 
 
+# Loss metrics that are the step's aggregated terms: the loss normalises them over the whole step (global
+# per-stream counts), so micro-batches and ranks contribute parts that add up. The others are per-token means.
+ADDITIVE_LOSS_METRICS = frozenset({"pg_loss", "kl", "entropy", "loss/base", "loss/corr", "tokens/base",
+                                   "tokens/corr"})
+
+
 @dataclass
 class StepMetrics:
-    """Accumulates one step's floats; micro-batch metrics are averaged with token weights."""
+    """One step's floats. Loss metrics of micro-batches accumulate by :meth:`add_loss_metrics`."""
 
     values: dict[str, float] = field(default_factory=dict)
-    _weights: dict[str, float] = field(default_factory=dict)
+    _weights: dict[str, Optional[float]] = field(default_factory=dict)  # None: an additive metric
 
     def set(self, **kwargs: float) -> None:
         self.values.update({k: float(v) for k, v in kwargs.items()})
@@ -86,13 +93,33 @@ class StepMetrics:
     def update(self, prefix: str, metrics: dict[str, float]) -> None:
         self.values.update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
 
-    def add_weighted(self, metrics: dict[str, float], weight: float, prefix: str = "actor/") -> None:
+    def add_loss_metrics(self, metrics: dict[str, float], weight: float, prefix: str = "actor/") -> None:
+        """Add one micro-batch's loss metrics: the step's terms are summed, per-token means are averaged with
+        ``weight`` (the micro-batch's loss tokens)."""
         for key, value in metrics.items():
-            name = prefix + key
-            total = self._weights.get(name, 0.0) + weight
-            previous = self.values.get(name, 0.0)
-            self.values[name] = previous + (value - previous) * (weight / total if total else 0.0)
-            self._weights[name] = total
+            self._add(prefix + key, float(value), None if key in ADDITIVE_LOSS_METRICS else weight)
+
+    def _add(self, name: str, value: float, weight: Optional[float]) -> None:
+        previous = self.values.get(name, 0.0)
+        if weight is None:
+            self.values[name] = previous + value
+            self._weights[name] = None
+            return
+        total = (self._weights.get(name) or 0.0) + weight
+        self.values[name] = previous + (value - previous) * (weight / total if total else 0.0)
+        self._weights[name] = total
+
+    def loss_part(self) -> dict[str, tuple[float, Optional[float]]]:
+        """The accumulated loss metrics with their weights, ``{name: (value, weight)}``: what ranks exchange."""
+        return {name: (self.values[name], weight) for name, weight in self._weights.items()}
+
+    def merge_loss_parts(self, parts: list[dict[str, tuple[float, Optional[float]]]]) -> None:
+        """Set the loss metrics to those over every rank's part (each rank passes the same list, in rank order)."""
+        merged = StepMetrics()
+        for part in parts:
+            for name, (value, weight) in part.items():
+                merged._add(name, value, weight)
+        self.values.update(merged.values)
 
 
 class CIPOTrainer:
@@ -102,9 +129,20 @@ class CIPOTrainer:
         self.cfg = config
         self.alg = config.cipo_config()
         self.loss_cfg: PolicyLossConfig = config.actor.loss_config(config.rollout.temperature)
+        if self.loss_cfg.loss_agg_mode == "seq-mean-token-sum-norm" and self.loss_cfg.loss_scale_factor is None:
+            # Dr.GRPO's constant divisor, as verl's default (the response length): one value for the whole step.
+            # The loss's own default (the longest sequence it sees) would differ between micro-batches and ranks.
+            self.loss_cfg = dataclasses.replace(self.loss_cfg,
+                                                loss_scale_factor=float(config.rollout.max_response_length))
         self.run_dir = Path(config.trainer.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.trainer.device)
+        self.dist = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.dist.distributed:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.world_size > self.alg.train_batch_size:
+            raise ValueError(f"algorithm.train_batch_size={self.alg.train_batch_size} is smaller than the "
+                             f"{self.dist.world_size} ranks: every rank needs at least one prompt group")
         if config.trainer.num_threads > 0:
             torch.set_num_threads(config.trainer.num_threads)
         self.step = 0
@@ -117,11 +155,7 @@ class CIPOTrainer:
         self.train_rows, self.val_rows = self._load_data()
         self.model, self.tokenizer, self.init_dir = self._load_policy(fresh=checkpoint is None)
         self.ref_model = self._reference_model()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.actor.lr,
-                                           betas=tuple(config.actor.betas), weight_decay=config.actor.weight_decay)
-        warmup = config.actor.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+        self.backend = make_backend(self.model, config, self.dist)
         self.stream = PromptStream(self.train_rows, seed=config.trainer.seed, shuffle=config.data.shuffle)
         self.tracker = PassRateTracker(ema_decay=self.alg.pass_rate_ema_decay)
         self.controller = ReplayController.from_config(self.alg)
@@ -130,9 +164,11 @@ class CIPOTrainer:
         self.scorer = RewardScorer(workers=0 if self._all_synthetic() else 2)
         self.engine = self._make_engine()
         if checkpoint is not None:
-            self._restore(load_checkpoint(checkpoint))
-            self.engine.update_weights(self._named_weights())
-        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
+            self._restore(checkpoint)
+            self.engine.update_weights(self.backend.full_named_weights())
+        if self.dist.is_main:
+            atomic_write_text(self.run_dir / "config.yaml",
+                              yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
     # ------------------------------------------------------------------------------------------- setup
 
@@ -154,14 +190,15 @@ class CIPOTrainer:
 
     def _load_policy(self, fresh: bool):
         """The policy (HF model), its tokenizer, and the directory the engine loads (the initial weights)."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         model_cfg = self.cfg.model
         init_dir = self.run_dir / "init_model"
-        dtype = getattr(torch, model_cfg.dtype)
         if model_cfg.path == "tiny":
-            if fresh or not (init_dir / "config.json").exists():
+            # Rank 0 builds (and warm-starts) the tiny model; the others wait, then load what it saved.
+            if self.dist.is_main and (fresh or not (init_dir / "config.json").exists()):
                 self._build_tiny(init_dir)
+            self.history = self.dist.broadcast_object(self.history)
             source = init_dir
         else:
             source = Path(model_cfg.path)
@@ -170,14 +207,31 @@ class CIPOTrainer:
                                         "config.json); cipo loads models from disk only")
             init_dir = source
         tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, local_files_only=True,
-                                                     attn_implementation=model_cfg.attn_implementation)
-        model.to(self.device)
+        model = self._from_pretrained(source)
         if model_cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.train()
         return model, tokenizer, init_dir
+
+    def _zero3(self) -> bool:
+        return self.cfg.actor.strategy == "deepspeed" and self.cfg.deepspeed.zero_stage == 3
+
+    def _from_pretrained(self, source: Path) -> torch.nn.Module:
+        """The HF model from ``source``; under ZeRO-3 each rank loads only its partition of the weights."""
+        from transformers import AutoModelForCausalLM
+
+        model_cfg = self.cfg.model
+        kwargs = dict(dtype=getattr(torch, model_cfg.dtype), local_files_only=True,
+                      attn_implementation=model_cfg.attn_implementation)
+        if not self._zero3():
+            return AutoModelForCausalLM.from_pretrained(str(source), **kwargs).to(self.device)
+        from transformers.integrations import HfDeepSpeedConfig
+
+        from .backend import deepspeed_config
+
+        marker = HfDeepSpeedConfig(deepspeed_config(self.cfg))  # noqa: F841 - alive while loading: zero.Init
+        return AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
 
     def _build_tiny(self, init_dir: Path) -> None:
         """Build the tiny model and tokenizer in code, warm-start them on the synthetic task, save."""
@@ -190,7 +244,8 @@ class CIPOTrainer:
         if ws.max_steps > 0:
             # The stopper samples from the saved random init, then from pushed weights; its engine is closed
             # before the trainer's own engine starts on the warm weights.
-            engine = self._make_engine(init_dir)
+            # Only rank 0 warm-starts: a vLLM engine would join the other ranks' process group, so use HF there.
+            engine = self._make_engine(init_dir, kind="hf" if self.dist.distributed else None)
             template = self.alg.template
 
             def correction_messages(prompt, attempt):
@@ -214,28 +269,42 @@ class CIPOTrainer:
                                          "checks": stopper.history}
         model.save_pretrained(str(init_dir))
 
-    def _reference_model(self) -> Optional[torch.nn.Module]:
+    def _reference_model(self) -> Optional[Any]:
+        """The frozen initial policy for the KL term, as a callable ``PolicyModule`` (None without KL).
+
+        Under ZeRO-3 it is loaded partitioned and wrapped by an optimizer-less DeepSpeed engine; otherwise it is
+        a copy on every rank."""
         if not (self.cfg.model.use_reference or self.loss_cfg.kl_coef > 0):
             return None
+        if self._zero3():
+            import deepspeed
+
+            from .backend import deepspeed_config
+
+            module = PolicyModule(self._from_pretrained(self.init_dir).eval())
+            deepspeed.zero.register_external_parameter(module.head, lm_head_weight(module.policy))
+            config = {k: v for k, v in deepspeed_config(self.cfg).items()
+                      if k not in ("optimizer", "gradient_clipping")}
+            engine, *_ = deepspeed.initialize(model=module, config=config)
+            engine.eval()
+            return engine
         ref = copy.deepcopy(self.model).eval()
         for p in ref.parameters():
             p.requires_grad_(False)
-        return ref
+        return PolicyModule(ref)
 
-    def _make_engine(self, model_dir: Optional[Path] = None):
-        kind = self.cfg.rollout.engine
+    def _make_engine(self, model_dir: Optional[Path] = None, kind: Optional[str] = None):
+        kind = kind or self.cfg.rollout.engine
         if kind == "auto":
             kind = "vllm" if vllm_available() else "hf"
         if kind == "vllm":
             kwargs = {"seed": self.cfg.trainer.seed, "dtype": self.cfg.model.dtype}
             if self.device.type == "cuda":
                 kwargs["gpu_memory_utilization"] = self.cfg.rollout.gpu_memory_utilization
+                kwargs["sleep_mode"] = self.cfg.rollout.free_cache_engine
         else:
             kwargs = {"device": self.device, "dtype": getattr(torch, self.cfg.model.dtype)}
         return make_engine(kind, model_dir or self.init_dir, **kwargs)
-
-    def _named_weights(self):
-        return ((name, p.detach()) for name, p in self.model.named_parameters())
 
     def _sampling(self, seed: int, n_tokens: Optional[int] = None) -> SamplingConfig:
         r = self.cfg.rollout
@@ -252,14 +321,28 @@ class CIPOTrainer:
             ids = ids[-limit:]
         return ids
 
-    def _generate(self, prompts: list[list[int]], n: int, seed: int) -> RolloutBatch:
-        return self.engine.generate(prompts, n=n, sampling=self._sampling(seed))
+    def _sample(self, prompts: list[list[int]], rows: list[dict], n: int,
+                seed: int) -> tuple[RolloutBatch, list[float]]:
+        """``n`` scored completions per prompt, for the whole list, on every rank.
 
-    def _groups(self, prompt_ids: list[list[int]], out: RolloutBatch, rows: list[dict], *, prompt_keys: list[Any],
-                conditioning: Optional[list[bool]] = None) -> tuple[list[RolloutGroup], list[float]]:
-        """Score a generate call's completions; one RolloutGroup per prompt."""
-        expanded = [rows[k // out.n] for k in range(len(out))]
-        scores = self.scorer.score(expanded, out.texts)
+        Each rank samples and scores its contiguous shard ``[start, end)``; both engines seed prompt ``i`` of a
+        call with ``seed + i``, so the shard is called with ``seed + start`` and the gathered result equals one
+        process sampling everything with ``seed``."""
+        start, end = self.dist.shard(len(prompts))
+        local: tuple[list, ...] = ([], [], [], [], [])
+        if end > start:
+            out = self.engine.generate(prompts[start:end], n=n, sampling=self._sampling(seed + start))
+            scores = self.scorer.score([rows[start + k // n] for k in range(len(out))], out.texts)
+            if not self.dist.distributed:
+                return out, scores
+            local = (out.token_ids, out.texts, out.logprobs, out.finish_reasons, scores)
+        parts = self.dist.all_gather_object(local)
+        token_ids, texts, logprobs, finish, scores = ([x for part in parts for x in part[i]] for i in range(5))
+        return RolloutBatch(prompts, n, token_ids, texts, logprobs, finish, self._sampling(seed)), scores
+
+    def _groups(self, prompt_ids: list[list[int]], out: RolloutBatch, scores: list[float], *, prompt_keys: list[Any],
+                conditioning: Optional[list[bool]] = None) -> list[RolloutGroup]:
+        """One RolloutGroup per prompt of a sampled, scored batch."""
         groups = []
         for i, prompt in enumerate(prompt_ids):
             sl = out.group(i)
@@ -267,7 +350,7 @@ class CIPOTrainer:
                         for ids, score, lp in zip(out.token_ids[sl], scores[sl], out.logprobs[sl])]
             groups.append(RolloutGroup(prompt_ids=prompt, rollouts=rollouts, prompt_id=prompt_keys[i],
                                        conditioning_correct=None if conditioning is None else conditioning[i]))
-        return groups, scores
+        return groups
 
     # ------------------------------------------------------------------------------------------- the step
 
@@ -280,8 +363,9 @@ class CIPOTrainer:
         rows = [row for _, row in picked]
         keys = [index for index, _ in picked]
         prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
-        base_out = self._generate(prompt_ids, alg.rollouts_per_prompt, step_seed(self.cfg.trainer.seed, step, 0))
-        base_groups, base_scores = self._groups(prompt_ids, base_out, rows, prompt_keys=keys)
+        base_out, base_scores = self._sample(prompt_ids, rows, alg.rollouts_per_prompt,
+                                             step_seed(self.cfg.trainer.seed, step, 0))
+        base_groups = self._groups(prompt_ids, base_out, base_scores, prompt_keys=keys)
         results = [PromptResult(prompt_id=key, prompt=row["prompt"],
                                 trajectories=[Trajectory(correct=r.correct, text=text) for r, text in
                                               zip(group.rollouts, base_out.texts[base_out.group(i)])])
@@ -303,10 +387,11 @@ class CIPOTrainer:
                                                         encode=self._encode, decode=self._decode)
                 corr_ids = [self._prompt_ids(p.messages) for p in corr_prompts]
                 corr_rows = [self.train_rows[p.prompt_id] for p in selection.picks]  # prompt ids index the set
-                corr_out = self._generate(corr_ids, alg.correction_rollouts, step_seed(self.cfg.trainer.seed, step, 1))
-                corr_groups, corr_scores = self._groups(
-                    corr_ids, corr_out, corr_rows, prompt_keys=[p.prompt_id for p in selection.picks],
-                    conditioning=[p.was_correct for p in selection.picks])
+                corr_out, corr_scores = self._sample(corr_ids, corr_rows, alg.correction_rollouts,
+                                                     step_seed(self.cfg.trainer.seed, step, 1))
+                corr_groups = self._groups(corr_ids, corr_out, corr_scores,
+                                           prompt_keys=[p.prompt_id for p in selection.picks],
+                                           conditioning=[p.was_correct for p in selection.picks])
                 corr_groups, shaping = shape_correction_groups(corr_groups, alg)
                 regression = shaping.regression
                 decision = self.controller.update(shaping.counts["correct_to_correct"],
@@ -321,67 +406,80 @@ class CIPOTrainer:
 
         batch = assemble_step(base_groups, corr_groups, alg, device=self.device)
         advantages = step_advantages(batch, alg, regression=regression, estimator=self.cfg.actor.adv_estimator)
+        self.engine.sleep()  # vLLM on GPU: hand its memory to the update (wakes on the weight push)
         self._update_policy(batch, advantages, m)
-        self.engine.update_weights(self._named_weights())
+        self.engine.update_weights(self.backend.full_named_weights())
         t_end = time.perf_counter()
         m.set(**{"time/rollout_base": t_base - t0, "time/rollout_corr": t_corr - t_base,
                  "time/update": t_end - t_corr, "time/step": t_end - t0,
                  "batch/tokens": batch.num_tokens, "batch/sequences": batch.num_seqs,
-                 "actor/lr": self.scheduler.get_last_lr()[0]})
+                 "actor/lr": self.backend.lr})
         self.step += 1
         m.set(step=self.step)
         return m.values
 
     def _update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: StepMetrics) -> None:
-        """``ppo_epochs`` optimizer steps on the packed batch, micro-batched by token budget; the loss of each
-        update is normalised over the whole step (global per-stream token or sequence counts)."""
+        """``ppo_epochs`` optimizer steps on this rank's groups of the packed step, micro-batched by token
+        budget; the loss of each update is normalised over the whole step (global per-stream token or sequence
+        counts), so the ranks' gradients sum to the gradient of the step's loss."""
         actor = self.cfg.actor
-        if actor.ppo_epochs > 1:
-            batch.old_logp = self._logp(self.model, batch)  # the policy before this batch's first update
-        else:
-            batch.old_logp = None  # on-policy: the loss uses its own log-probs, detached (ratio exactly 1)
-        if self.ref_model is not None:
-            batch.ref_logp = self._logp(self.ref_model, batch)
         normalizers = _stream_normalizers(batch, self.loss_cfg.loss_agg_mode)
-        micro = batch.micro_batches(actor.micro_batch_tokens)
-        weight = lm_head_weight(self.model)
-        for _ in range(actor.ppo_epochs):
-            self.optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for rows in micro:
-                sub = batch.select(rows)
-                hidden = packed_hidden_states(self.model, sub.input_ids, sub.position_ids)
-                loss, metrics = self._loss(hidden, weight, sub, advantages[rows], normalizers)
-                loss.backward()
-                total += float(loss.detach())
-                m.add_weighted(metrics, weight=float(sub.loss_mask.sum()))
-            grad_norm = (torch.nn.utils.clip_grad_norm_(self.model.parameters(), actor.grad_clip)
-                         if actor.grad_clip > 0 else _grad_norm(self.model))
-            self.optimizer.step()
-            self.scheduler.step()
-            m.set(**{"actor/loss": total, "actor/grad_norm": float(grad_norm)})
-
-    def _loss(self, hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch, advantages: torch.Tensor,
-              normalizers: tuple[Optional[float], Optional[float]]) -> tuple[torch.Tensor, dict[str, float]]:
-        kwargs = dict(lambda_corr=self.alg.lambda_corr, advantages=advantages, base_normalizer=normalizers[0],
+        owned = self._owned_rows(batch)
+        local, local_adv = batch.select(owned), advantages[owned]
+        micro = self._micro_batches(local)
+        if actor.ppo_epochs > 1:
+            local.old_logp = self._logp(self.backend.forward, local, micro)  # the policy before the first update
+        else:
+            local.old_logp = None  # on-policy: the loss uses its own log-probs, detached (ratio exactly 1)
+        if self.ref_model is not None:
+            local.ref_logp = self._logp(self.ref_model, local, micro)
+        kwargs = dict(fused=actor.fused_loss, lambda_corr=self.alg.lambda_corr, base_normalizer=normalizers[0],
                       corr_normalizer=normalizers[1])
-        if self.cfg.actor.fused_loss:
-            from ..kernels.fused_linear_policy_loss import fused_linear_policy_loss
+        for _ in range(actor.ppo_epochs):
+            self.backend.zero_grad()
+            part, total = StepMetrics(), 0.0
+            for k, rows in enumerate(micro):
+                sub_rows = rows if rows is not None else [0]
+                sub = local.select(sub_rows)
+                loss, metrics = self.backend.forward(sub, self.loss_cfg, advantages=local_adv[sub_rows], **kwargs)
+                if rows is None:
+                    loss = loss * 0.0  # a padding micro-batch: keeps ZeRO's collectives in step, adds nothing
+                self.backend.backward(loss, last=k == len(micro) - 1)
+                if rows is not None:
+                    total += float(loss.detach())
+                    part.add_loss_metrics(metrics, weight=float(sub.loss_mask.sum()))
+            grad_norm = self.backend.step()
+            m.merge_loss_parts(self.dist.all_gather_object(part.loss_part()))
+            m.set(**{"actor/loss": self.dist.all_reduce([total])[0], "actor/grad_norm": grad_norm})
 
-            return fused_linear_policy_loss(hidden, weight, batch, self.loss_cfg, **kwargs)
-        return materialized_policy_loss(hidden, weight, batch, self.loss_cfg, **kwargs)
+    def _owned_rows(self, batch: PackedBatch) -> list[int]:
+        """The sequences this rank trains on: whole groups, balanced by tokens over the ranks (all of them on
+        one rank)."""
+        if not self.dist.distributed:
+            return list(range(batch.num_seqs))
+        tokens = torch.zeros(int(batch.group_id.max()) + 1, dtype=torch.long).index_add_(
+            0, batch.group_id.cpu(), batch.seq_lens.cpu().long())
+        mine = set(balanced_partition(tokens.tolist(), self.dist.world_size)[self.dist.rank])
+        return [row for row, group in enumerate(batch.group_id.tolist()) if group in mine]
+
+    def _micro_batches(self, local: PackedBatch) -> list[Optional[list[int]]]:
+        """The local batch's micro-batches by token budget, padded with ``None`` to the largest count over the
+        ranks: ZeRO gathers weights and reduces gradients inside forward/backward, so every rank runs as many."""
+        micro: list[Optional[list[int]]] = list(local.micro_batches(self.cfg.actor.micro_batch_tokens))
+        count = int(self.dist.all_reduce([len(micro)], op="max")[0])
+        return micro + [None] * (count - len(micro))
 
     @torch.no_grad()
-    def _logp(self, model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-        """``[N]`` float32 log-probs of the batch's targets under ``model`` (0 where there is no target)."""
-        from ..kernels.linear_logprob import linear_logprob
-
+    def _logp(self, forward, batch: PackedBatch, micro: list[Optional[list[int]]]) -> torch.Tensor:
+        """``[N]`` float32 log-probs of ``batch``'s targets under ``forward`` (a policy module or backend; 0
+        where there is no target), over the given (padded) micro-batches."""
         out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
-        for rows in batch.micro_batches(self.cfg.actor.micro_batch_tokens):
-            sub = batch.select(rows)
-            hidden = packed_hidden_states(model, sub.input_ids, sub.position_ids)
-            logp = linear_logprob(hidden, lm_head_weight(model), sub.targets, temperature=self.loss_cfg.temperature)
-            index = torch.cat([torch.arange(int(batch.cu_seqlens[r]), int(batch.cu_seqlens[r + 1])) for r in rows])
+        cu = batch.cu_seqlens.tolist()
+        for rows in micro:
+            logp = forward(batch.select(rows if rows is not None else [0]), self.loss_cfg, logp_only=True)
+            if rows is None:
+                continue
+            index = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in rows])
             out[index.to(self.device)] = logp.float()
         return out
 
@@ -410,8 +508,7 @@ class CIPOTrainer:
             return {}
         seed = step_seed(self.cfg.trainer.seed + EVAL_SEED_OFFSET, 0, 0)
         prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
-        out = self._generate(prompt_ids, EVAL_SAMPLES_PER_PROMPT, seed)
-        scores = self.scorer.score([rows[k // out.n] for k in range(len(out))], out.texts)
+        out, scores = self._sample(prompt_ids, rows, EVAL_SAMPLES_PER_PROMPT, seed)
         result = {"eval/accuracy": _mean([s >= 1.0 for s in scores])}
         if "held_out_failures" not in self.history:
             failures = [(k // out.n, out.texts[k]) for k, s in enumerate(scores) if s < 1.0]
@@ -421,9 +518,8 @@ class CIPOTrainer:
             prompts = [self.alg.template.build(rows[i]["prompt"], text, encode=self._encode, decode=self._decode)
                        for i, text in failures]
             corr_ids = [self._prompt_ids(p.messages) for p in prompts]
-            corr_out = self._generate(corr_ids, EVAL_SAMPLES_PER_PROMPT, seed + 1)
-            corr_scores = self.scorer.score([rows[failures[k // corr_out.n][0]] for k in range(len(corr_out))],
-                                            corr_out.texts)
+            _, corr_scores = self._sample(corr_ids, [rows[i] for i, _ in failures], EVAL_SAMPLES_PER_PROMPT,
+                                          seed + 1)
             result["eval/correction_success"] = _mean([s >= 1.0 for s in corr_scores])
         return result
 
@@ -434,19 +530,22 @@ class CIPOTrainer:
         from tqdm.auto import tqdm
 
         tcfg = self.cfg.trainer
+        main = self.dist.is_main
         metrics_path = self.run_dir / "metrics.jsonl"
-        _truncate_metrics(metrics_path, self.step)
+        if main:
+            _truncate_metrics(metrics_path, self.step)
         started = time.perf_counter()
         if "eval_before" not in self.history:
             self.history["eval_before"] = self.evaluate()
-        bar = tqdm(total=tcfg.total_steps, initial=self.step, desc="cipo", disable=not tcfg.progress,
+        bar = tqdm(total=tcfg.total_steps, initial=self.step, desc="cipo", disable=not (tcfg.progress and main),
                    dynamic_ncols=True)
         while self.step < tcfg.total_steps:
             metrics = self.train_step()
             if tcfg.eval_every and self.step % tcfg.eval_every == 0 and self.step < tcfg.total_steps:
                 metrics.update(self.evaluate())
-            with metrics_path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(metrics, sort_keys=True) + "\n")
+            if main:
+                with metrics_path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(metrics, sort_keys=True) + "\n")
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['base/reward']:.2f}", acc=f"{metrics['base/accuracy']:.2f}",
                             corr=f"{metrics.get('corr/success', float('nan')):.2f}",
@@ -456,10 +555,13 @@ class CIPOTrainer:
         bar.close()
         self.history["eval_after"] = self.evaluate()
         summary = self._summary(time.perf_counter() - started)
-        atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        from .plots import plot_curves
+        if tcfg.save_hf_model:
+            export_hf(self.backend, self.tokenizer, self.run_dir / "hf_model", self.dist)
+        if main:
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            from .plots import plot_curves
 
-        plot_curves(metrics_path, self.run_dir / "curves.png", summary)
+            plot_curves(metrics_path, self.run_dir / "curves.png", summary)
         return summary
 
     def _summary(self, seconds: float) -> dict[str, Any]:
@@ -475,17 +577,16 @@ class CIPOTrainer:
             "held_out_failures": len(self.history.get("held_out_failures", [])),
             "warmstart": self.history.get("warmstart"),
             "rollout_engine": type(self.engine).__name__,
+            "world_size": self.dist.world_size,
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
     def save(self) -> Path:
-        payload = {
+        """Checkpoint the step (every rank calls it); ``latest`` moves once the whole checkpoint is written."""
+        client_state = {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": rng_state(),
+            "world_size": self.dist.world_size,
             "stream": self.stream.state_dict(),
             "tracker": self.tracker.state_dict(),
             "controller": self.controller.state_dict(),
@@ -493,23 +594,31 @@ class CIPOTrainer:
             "history": self.history,
             "config": config_to_dict(self.cfg),
         }
-        return save_checkpoint(self.run_dir, self.step, payload, keep=self.cfg.trainer.keep_checkpoints)
+        path = self.backend.save(checkpoint_path(self.run_dir, self.step), client_state)
+        if self.dist.is_main:
+            publish_checkpoint(path, keep=self.cfg.trainer.keep_checkpoints)
+        self.dist.barrier()
+        return path
 
-    def _restore(self, payload: dict[str, Any]) -> None:
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.stream.load_state_dict(payload["stream"])
-        self.tracker.load_state_dict(payload["tracker"])
-        self.controller.load_state_dict(payload["controller"])
-        self.pool.load_state_dict(payload["pool"])
-        self.history = payload["history"]
-        self.step = int(payload["step"])
-        set_rng_state(payload["rng"])
+    def _restore(self, path: Path) -> None:
+        state = self.backend.load(path)
+        written_by = int(state.get("world_size", 1))
+        if written_by != self.dist.world_size:
+            raise ValueError(f"{path} was written by {written_by} ranks; resume it on {written_by} (this run has "
+                             f"{self.dist.world_size})")
+        self.stream.load_state_dict(state["stream"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.controller.load_state_dict(state["controller"])
+        self.pool.load_state_dict(state["pool"])
+        self.history = state["history"]
+        self.step = int(state["step"])
 
     def close(self) -> None:
         self.engine.close()
         self.scorer.close()
+        if self.dist.distributed and torch.distributed.is_initialized():
+            self.dist.barrier()
+            torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -545,11 +654,6 @@ def _stream_normalizers(batch: PackedBatch, mode: str) -> tuple[Optional[float],
         return (positive(float((present & (batch.stream == BASE_STREAM)).sum())),
                 positive(float((present & (batch.stream == CORRECTION_STREAM)).sum())))
     return None, None
-
-
-def _grad_norm(model: torch.nn.Module) -> float:
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
 
 
 def _mean(values) -> float:

@@ -1,0 +1,324 @@
+"""How the policy is optimised: plain PyTorch on one process, or DeepSpeed ZeRO-2/3 on many.
+
+Both backends expose the same few calls to the trainer — ``forward`` (the packed forward + fused loss, or
+log-probs), ``backward``, ``step``, the full weights for the rollout engine and the HF export, and checkpoint
+save/load — so the step is written once.
+
+Why the loss runs inside one module (:class:`PolicyModule`): under ZeRO-3 a parameter is materialised only while
+a module that owns it (or registered it as external) runs its forward. The fused loss multiplies the hidden
+states by the LM head's weight without calling the head module, so :class:`FusedHead` registers that weight as
+its external parameter and the loss runs in its forward.
+
+Gradient scaling under data parallelism: the loss is normalised by *global* per-stream counts, so the true
+gradient is the *sum* of the ranks' gradients; DeepSpeed averages them, hence ``backward`` multiplies the loss
+by the world size. Micro-batches are counted by the trainer, which marks the last one as the accumulation
+boundary (``scale_wrt_gas=False``: no division by an accumulation count).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from ..config import PolicyLossConfig
+from ..packing import PackedBatch
+from .checkpoint import atomic_write_bytes, atomic_write_text
+from .config import TrainConfig
+from .distributed import DistContext
+from .forward import lm_head_weight, packed_hidden_states
+
+POLICY_PREFIX = "policy."  # PolicyModule's name for the HF model: stripped from exported state-dict keys
+WORLD_SIZE_FILE = "world_size"  # in a DeepSpeed checkpoint: the number of ranks that wrote it
+
+
+class FusedHead(nn.Module):
+    """The LM head applied inside the fused loss (or the chunked log-prob); owns no parameters itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self._model = [model]  # a list, so the HF model is not registered twice as a submodule
+
+    def forward(self, hidden: torch.Tensor, batch: PackedBatch, loss_cfg: PolicyLossConfig, *, fused: bool,
+                logp_only: bool, **loss_kwargs: Any):
+        weight = lm_head_weight(self._model[0])
+        if logp_only:
+            from ..kernels.linear_logprob import linear_logprob
+
+            return linear_logprob(hidden, weight, batch.targets, temperature=loss_cfg.temperature).float()
+        if fused:
+            from ..kernels.fused_linear_policy_loss import fused_linear_policy_loss
+
+            return fused_linear_policy_loss(hidden, weight, batch, loss_cfg, **loss_kwargs)
+        from .trainer import materialized_policy_loss
+
+        return materialized_policy_loss(hidden, weight, batch, loss_cfg, **loss_kwargs)
+
+
+class PolicyModule(nn.Module):
+    """HF causal LM + fused head: ``forward(batch, ...)`` → ``(loss, metrics)``, or ``[n]`` log-probs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.policy = model
+        self.head = FusedHead(model)
+
+    def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, *, fused: bool = True,
+                logp_only: bool = False, **loss_kwargs: Any):
+        hidden = packed_hidden_states(self.policy, batch.input_ids, batch.position_ids)
+        return self.head(hidden, batch, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- backends
+
+
+class TorchBackend:
+    """One process: AdamW, a warm-up schedule, gradient clipping; checkpoints are one atomic file."""
+
+    def __init__(self, model: nn.Module, config: TrainConfig, dist: DistContext) -> None:
+        actor = config.actor
+        self.model = model
+        self.module = PolicyModule(model)
+        self.dist = dist
+        self.grad_clip = actor.grad_clip
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=actor.lr, betas=tuple(actor.betas),
+                                           weight_decay=actor.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(actor.warmup_steps))
+
+    def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, **kwargs: Any):
+        return self.module(batch, loss_cfg, **kwargs)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        """Clip (``actor.grad_clip > 0``), update, advance the schedule; returns the pre-clip gradient norm."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        else:
+            norm = float(torch.stack([p.grad.detach().norm() for p in params]).norm()) if params else 0.0
+        self.optimizer.step()
+        self.scheduler.step()
+        return norm
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def full_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(HF name, full tensor)`` for every parameter (views of the live weights; do not modify)."""
+        return ((name, p.detach()) for name, p in self.model.named_parameters())
+
+    def save(self, path: Path, client_state: dict[str, Any]) -> Path:
+        """One file ``<path>.pt`` with the model, optimizer and schedule states and ``client_state``."""
+        from .checkpoint import rng_state
+
+        file = path.with_suffix(".pt")
+        payload = {**client_state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        atomic_write_bytes(file, lambda handle: torch.save(payload, handle))
+        return file
+
+    def load(self, path: Path) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save`; returns its client state."""
+        from .checkpoint import load_checkpoint, set_rng_state
+
+        if path.is_dir():
+            raise ValueError(f"{path} is a DeepSpeed checkpoint; resume it with actor.strategy=deepspeed")
+        payload = load_checkpoint(path)
+        self.model.load_state_dict(payload.pop("model"))
+        self.optimizer.load_state_dict(payload.pop("optimizer"))
+        self.scheduler.load_state_dict(payload.pop("scheduler"))
+        set_rng_state(payload.pop("rng"))
+        return payload
+
+
+class DeepSpeedBackend:
+    """ZeRO-2/3 data parallelism (``deepspeed.initialize``) with the same interface as :class:`TorchBackend`.
+
+    A checkpoint is a directory ``<path>/`` written by ``engine.save_checkpoint`` (one shard of the optimizer
+    state per rank, and of the weights under ZeRO-3), plus each rank's RNG state; the trainer's own state travels
+    as DeepSpeed's ``client_state``.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, dist: DistContext) -> None:
+        import deepspeed
+
+        actor = config.actor
+        self.model = model
+        self.dist = dist
+        self.ds_config = deepspeed_config(config)
+        self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.module = PolicyModule(model)
+        if self.stage == 3:
+            deepspeed.zero.register_external_parameter(self.module.head, lm_head_weight(model))
+        optimizer: Any = None
+        if "optimizer" not in self.ds_config:  # no offload: torch's AdamW on the ZeRO partitions (no op to build)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=actor.lr,
+                                          betas=tuple(actor.betas), weight_decay=actor.weight_decay)
+        schedule = warmup_schedule(actor.warmup_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
+
+    def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, **kwargs: Any):
+        return self.engine(batch, loss_cfg, **kwargs)
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Clip (DeepSpeed's ``gradient_clipping``), update, advance the schedule; the pre-clip global norm."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def gathered(self, params: list[nn.Parameter]):
+        """Context in which ZeRO-3-partitioned ``params`` hold their full data (every rank must enter it)."""
+        if self.stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def full_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(HF name, full tensor)`` per parameter; under ZeRO-3 gathered one at a time (a collective: every
+        rank must consume the whole iterator, in the same order) and cloned, as the gather ends with the step."""
+        for name, param in self.model.named_parameters():
+            with self.gathered([param]):
+                yield name, (param.detach().clone() if self.stage == 3 else param.detach())
+
+    def save(self, path: Path, client_state: dict[str, Any]) -> Path:
+        from .checkpoint import rng_state
+
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
+        state = rng_state()
+        atomic_write_bytes(path / f"rng_rank{self.dist.rank}.pt", lambda handle: torch.save(state, handle))
+        if self.dist.is_main:
+            atomic_write_text(path / WORLD_SIZE_FILE, f"{self.dist.world_size}\n")
+        self.dist.barrier()  # every rank's shards are on disk before the caller points `latest` here
+        return path
+
+    def load(self, path: Path) -> dict[str, Any]:
+        from .checkpoint import set_rng_state
+
+        if not path.is_dir():
+            raise ValueError(f"{path} is a single-process checkpoint; resume it with actor.strategy=torch")
+        written_by = int((path / WORLD_SIZE_FILE).read_text().strip())
+        if written_by != self.dist.world_size:
+            # ZeRO shards the optimizer state by rank: it reloads only on the world that wrote it.
+            raise ValueError(f"{path} was written by {written_by} ranks; resume it on {written_by} ranks (this run "
+                             f"has {self.dist.world_size})")
+        rng_file = path / f"rng_rank{self.dist.rank}.pt"
+        loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                           load_module_strict=True)
+        if loaded is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path}")
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        return client_state
+
+
+def make_backend(model: nn.Module, config: TrainConfig, dist: DistContext):
+    """The backend ``actor.strategy`` names; several ranks need DeepSpeed."""
+    if config.actor.strategy == "deepspeed":
+        return DeepSpeedBackend(model, config, dist)
+    if dist.distributed:
+        raise ValueError(f"launched with {dist.world_size} ranks but actor.strategy=torch runs one process; set "
+                         "--set actor.strategy=deepspeed")
+    return TorchBackend(model, config, dist)
+
+
+def warmup_schedule(warmup_steps: int):
+    """Linear warm-up over ``warmup_steps`` optimizer steps, then constant (a LambdaLR factor)."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON config for this run, from ``actor`` and ``deepspeed`` (whose ``config`` keys win).
+
+    Micro-batches are formed by token budget outside DeepSpeed, so its batch-size keys are set to 1 and the
+    trainer marks accumulation boundaries itself.
+    """
+    actor, ds = config.actor, config.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True,
+                            "overlap_comm": torch.cuda.is_available()}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.model.dtype == "bfloat16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if actor.grad_clip > 0:
+        out["gradient_clipping"] = actor.grad_clip
+    if ds.offload_optimizer:
+        # ZeRO-Offload steps on the CPU: DeepSpeed's CPU Adam (built on first use), configured here.
+        out["optimizer"] = {"type": "AdamW", "params": {"lr": actor.lr, "betas": list(actor.betas),
+                                                        "weight_decay": actor.weight_decay}}
+    return _merge(out, ds.config)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def export_hf(backend, tokenizer, out_dir: Path, dist: DistContext) -> Optional[Path]:
+    """Write the policy as one consolidated HF model directory (``save_pretrained`` + tokenizer).
+
+    Every rank must call it (under ZeRO-3 the weights are gathered); rank 0 writes, into a temporary sibling that
+    replaces ``out_dir`` only when complete, so a crash never leaves a half-written export in its place.
+    Returns ``out_dir`` on rank 0, None elsewhere.
+    """
+    state = {name: tensor.cpu() for name, tensor in backend.full_named_weights()}
+    if not dist.is_main:
+        dist.barrier()
+        return None
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        backend.model.save_pretrained(str(tmp), state_dict=state)
+        tokenizer.save_pretrained(str(tmp))
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        dist.barrier()
+    return out_dir
