@@ -89,15 +89,21 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_type: str) -> DistContext:
+def init_distributed(device_type: str, required: bool = False) -> DistContext:
     """Join the launcher's process group (once per process) and describe this rank.
 
     Args:
         device_type: ``"cuda"`` (NCCL, one GPU per local rank) or ``"cpu"`` (gloo).
+        required: make a group even without a launcher (DeepSpeed needs one): a world of one on a free local port.
     """
     world = launched_world_size()
     if world <= 1 and not torch.distributed.is_initialized():
-        return DistContext()
+        if not required:
+            return DistContext()
+        # Without these, DeepSpeed would try to discover an MPI world (and need mpi4py).
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(_free_port()))):
+            os.environ.setdefault(key, value)
     if not torch.distributed.is_initialized():
         import deepspeed
 
@@ -107,6 +113,14 @@ def init_distributed(device_type: str) -> DistContext:
         torch.cuda.set_device(local_rank)
     return DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
                        local_rank=local_rank)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def balanced_partition(sizes: Sequence[int], parts: int) -> list[list[int]]:

@@ -137,7 +137,7 @@ class CIPOTrainer:
         self.run_dir = Path(config.trainer.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.trainer.device)
-        self.dist = init_distributed(self.device.type)
+        self.dist = init_distributed(self.device.type, required=config.actor.strategy == "deepspeed")
         if self.device.type == "cuda" and self.dist.distributed:
             self.device = torch.device("cuda", self.dist.local_rank)
         if self.dist.world_size > self.alg.train_batch_size:

@@ -166,3 +166,25 @@ def test_resume_refuses_another_world_size(runs, tmp_path: Path):
                           timeout=600)
     assert proc.returncode != 0
     assert "written by 2 ranks; resume it on 2 ranks" in proc.stdout + proc.stderr
+
+
+def _single_process(run_dir: Path, strategy: str) -> Path:
+    sets = [*SETTINGS, "deepspeed.zero_stage=2", f"trainer.run_dir={run_dir}", "rollout.engine=hf",
+            f"actor.strategy={strategy}"]
+    command = [sys.executable, "-m", "cipo.cli", "train", str(TINY), *[a for s in sets for a in ("--set", s)]]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"cipo train failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return run_dir
+
+
+def test_deepspeed_without_launcher_matches_the_torch_backend(tmp_path: Path):
+    # DeepSpeed in a plain process (no torchrun: cipo makes a world of one) against the single-process torch
+    # backend: same clipping, warm-up schedule and AdamW, so the same losses and weights.
+    ds, plain = _single_process(tmp_path / "ds", "deepspeed"), _single_process(tmp_path / "torch", "torch")
+    for a, b in zip(metrics(plain), metrics(ds)):
+        for key in COMPARED:
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
+    w_plain, w_ds = weights(plain), weights(ds)
+    for name in w_plain:
+        assert float((w_ds[name] - w_plain[name]).abs().max()) <= 1e-5, name
