@@ -13,17 +13,21 @@ Public API (stable names):
   forward, chunk by chunk.
 """
 
-from .advantages import group_advantages
-from .algorithm import CIPOConfig
-from .config import PolicyLossConfig
-from .loss import cipo_policy_loss, policy_loss
-from .packing import BASE_STREAM, CORRECTION_STREAM, IGNORE_INDEX, PackedBatch, SequenceSample
-
 __version__ = "0.1.0"
 
-# The kernels import triton when they load; keep `import cipo` light and let the interpreter flag
-# (TRITON_INTERPRET=1) be set by callers before the first use.
+# Every public name loads on first use: `import cipo.rewards` in a reward worker process must not pay for torch
+# (~2 s), and the kernels import triton, whose interpreter flag (TRITON_INTERPRET=1) callers set before first use.
 _LAZY = {
+    "group_advantages": "cipo.advantages",
+    "CIPOConfig": "cipo.algorithm",
+    "PolicyLossConfig": "cipo.config",
+    "cipo_policy_loss": "cipo.loss",
+    "policy_loss": "cipo.loss",
+    "BASE_STREAM": "cipo.packing",
+    "CORRECTION_STREAM": "cipo.packing",
+    "IGNORE_INDEX": "cipo.packing",
+    "PackedBatch": "cipo.packing",
+    "SequenceSample": "cipo.packing",
     "linear_logprob": "cipo.kernels.linear_logprob",
     "fused_linear_policy_loss": "cipo.kernels.fused_linear_policy_loss",
 }
@@ -33,8 +37,14 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'cipo' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
