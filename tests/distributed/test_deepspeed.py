@@ -123,6 +123,21 @@ def test_one_and_two_ranks_agree(runs, stage: int, engine: str):
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_offline_export_of_a_checkpoint_equals_the_final_export(runs, tmp_path: Path, stage: int):
+    # `cipo export` consolidates the 2-rank shards of the last checkpoint (DeepSpeed's zero_to_fp32) without a
+    # launcher; the trainer's own export gathered the live ZeRO weights at the end of the same run.
+    from cipo.trainer.export import export_checkpoint
+
+    run = runs(2, stage)
+    export_checkpoint(run, tmp_path / "exported")
+    offline, final = load_file(str(tmp_path / "exported" / "model.safetensors")), weights(run)
+    assert offline.keys() == final.keys()
+    for name in final:
+        assert torch.equal(offline[name], final[name]), name
+    assert (tmp_path / "exported" / "tokenizer.json").exists()
+
+
 def test_zero2_and_zero3_agree(runs):
     w2, w3 = weights(runs(2, 2)), weights(runs(2, 3))
     for name in w2:
