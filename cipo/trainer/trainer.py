@@ -450,7 +450,9 @@ class CIPOTrainer:
                     part.add_loss_metrics(metrics, weight=float(sub.loss_mask.sum()))
             grad_norm = self.backend.step()
             m.merge_loss_parts(self.dist.all_gather_object(part.loss_part()))
-            m.set(**{"actor/loss": self.dist.all_reduce([total])[0], "actor/grad_norm": grad_norm})
+            loss_sum, padding = self.dist.all_reduce([total, micro.count(None)])
+            # padding: micro-batches run only to keep the ranks in step (0 on one rank; a load-imbalance gauge)
+            m.set(**{"actor/loss": loss_sum, "actor/grad_norm": grad_norm, "actor/padding_micro_batches": padding})
 
     def _owned_rows(self, batch: PackedBatch) -> list[int]:
         """The sequences this rank trains on: whole groups, balanced by tokens over the ranks (all of them on

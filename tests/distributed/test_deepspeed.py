@@ -38,7 +38,9 @@ SETTINGS = [
     "warmstart.max_steps=0", f"trainer.total_steps={STEPS}", "trainer.num_threads=1", "trainer.save_every=1",
     "trainer.keep_checkpoints=3", "trainer.progress=false", "trainer.eval_prompts=4",
     "data.synthetic_train_size=64", "data.synthetic_val_size=8",
-    "algorithm.train_batch_size=4", "algorithm.rollouts_per_prompt=4", "algorithm.correction_batch_size=4",
+    # 3 prompts and 3 correction prompts on 2 ranks: uneven shards, and groups whose split leaves one rank with
+    # more micro-batches than the other (so the zero-weighted padding micro-batches run).
+    "algorithm.train_batch_size=3", "algorithm.rollouts_per_prompt=4", "algorithm.correction_batch_size=3",
     "algorithm.correction_rollouts=2", "algorithm.template={max_attempt_tokens: 24}",
     "rollout.max_response_length=12",
     # 384-token micro-batches: each rank runs several, and the two ranks a different number (padding).
@@ -113,6 +115,9 @@ def test_one_and_two_ranks_agree(runs, stage: int, engine: str):
         assert abs(a["actor/entropy"]) > 0.1 and a["actor/grad_norm"] > 0.01  # a signal that could disagree
         # the step's loss is the sum of its stream parts (λ = 1), so the parts really are additive
         assert a["actor/loss"] == pytest.approx(a["actor/loss/base"] + a["actor/loss/corr"], rel=1e-6)
+    # the ranks ran different numbers of micro-batches at least once, so the zero-weighted padding was exercised
+    assert any(m["actor/padding_micro_batches"] > 0 for m in m2)
+    assert all(m["actor/padding_micro_batches"] == 0 for m in m1)
     w1, w2 = weights(one), weights(two)
     initial = load_file(str(one / "init_model" / "model.safetensors"))
     moved = max(float((w1[name] - initial[name]).abs().max()) for name in w1)
