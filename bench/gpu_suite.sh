@@ -4,8 +4,9 @@
 #
 #     OUT=/path/to/results bash bench/gpu_suite.sh        # default OUT: bench/results/gpu
 #
-# 1. installs Liger-Kernel and Cut Cross-Entropy from bench/wheels (pip --no-index --no-deps; the baselines are
-#    recorded as skipped when the wheels are absent) and cipo itself (pip install --no-deps --no-build-isolation -e .);
+# 1. installs Liger-Kernel and Cut Cross-Entropy from bench/wheels (pip --no-index --no-deps, else unpacked onto
+#    PYTHONPATH; the baselines are recorded as skipped when the wheels are absent) and cipo itself (pip install
+#    --no-deps --no-build-isolation -e ., else cipo/kernels -> ../kernels in this checkout);
 # 2. runs the kernel tests on the GPU with real Triton compilation (TRITON_INTERPRET=0; their bf16 and fp32 cases);
 # 3. times, in one process per section: fused_linear_policy_loss vs naive torch (fp32 logits materialised, verl's
 #    default) vs the bare LM-head matmul forward+backward [+ linear_logprob, Liger GRPO, Liger FLCE, CCE] at
@@ -62,8 +63,16 @@ shopt -s nullglob
 wheels=(bench/wheels/*.whl)
 if (( ${#wheels[@]} )); then
     ls -l "${wheels[@]}"
-    timeout 90 "$PY" -m pip install -q --no-index --no-deps --find-links bench/wheels liger-kernel cut-cross-entropy \
-        || echo "gpu_suite: wheel install failed; Liger and CCE will be recorded as skipped"
+    if ! timeout 90 "$PY" -m pip install -q --no-index --no-deps --find-links bench/wheels liger-kernel cut-cross-entropy
+    then
+        # No pip, or an externally managed (PEP 668) system Python: the wheels are pure Python, so unpack them onto
+        # PYTHONPATH instead (the bench sections inherit it).
+        site=$(mktemp -d)
+        for w in "${wheels[@]}"; do "$PY" -m zipfile -e "$w" "$site" || echo "gpu_suite: could not unpack $w"; done
+        export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+        timeout 60 "$PY" -c "import liger_kernel.chunked_loss, cut_cross_entropy; print('wheels unpacked to $site')" \
+            || echo "gpu_suite: wheel install failed; Liger and CCE will be recorded as skipped"
+    fi
 else
     echo "gpu_suite: bench/wheels has no wheels; Liger and CCE will be recorded as skipped"
 fi
