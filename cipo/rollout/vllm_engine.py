@@ -245,8 +245,9 @@ class VLLMEngine(RolloutEngine):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         # The worker runs in this process and copies each tensor into its own (fused) parameters synchronously,
-        # so a lazy stream of detached tensors suffices: no second copy of the model is materialised.
-        weights = ((name, t.detach().to("cpu")) for name, t in named_tensors)
+        # so a lazy stream of detached tensors suffices: no second copy of the model is materialised. Tensors stay
+        # where they are (the copy crosses devices if it must; on a GPU, no round trip through host memory).
+        weights = ((name, t.detach()) for name, t in named_tensors)
         self._wake(("weights",))  # not the KV cache yet: it is allocated by the next generate
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         if "kv_cache" not in self._asleep:  # (sleep already dropped the KV cache and reset the prefix cache)

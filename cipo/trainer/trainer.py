@@ -53,6 +53,7 @@ from ..warmstart import chat_prompt_ids
 from .backend import PolicyModule, export_hf, make_backend
 from .checkpoint import atomic_write_text, checkpoint_path, latest_checkpoint, publish_checkpoint
 from .config import TrainConfig, config_to_dict
+from .config_io import ConfigError
 from .distributed import balanced_partition, init_distributed
 from .forward import lm_head_weight
 from .prompt_stream import PromptStream
@@ -141,7 +142,7 @@ class CIPOTrainer:
         if self.device.type == "cuda" and self.dist.distributed:
             self.device = torch.device("cuda", self.dist.local_rank)
         if self.dist.world_size > self.alg.train_batch_size:
-            raise ValueError(f"algorithm.train_batch_size={self.alg.train_batch_size} is smaller than the "
+            raise ConfigError(f"algorithm.train_batch_size={self.alg.train_batch_size} is smaller than the "
                              f"{self.dist.world_size} ranks: every rank needs at least one prompt group")
         if config.trainer.num_threads > 0:
             torch.set_num_threads(config.trainer.num_threads)

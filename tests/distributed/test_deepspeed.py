@@ -208,3 +208,10 @@ def test_deepspeed_without_launcher_matches_the_torch_backend(tmp_path: Path):
     w_plain, w_ds = weights(plain), weights(ds)
     for name in w_plain:
         assert float((w_ds[name] - w_plain[name]).abs().max()) <= 1e-5, name
+
+
+def test_more_ranks_than_prompt_groups_is_refused(tmp_path: Path):
+    command = _command(tmp_path / "run", 2, 2, "--set", "algorithm.train_batch_size=1")
+    proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "algorithm.train_batch_size=1 is smaller than the 2 ranks" in proc.stdout + proc.stderr
