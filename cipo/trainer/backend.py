@@ -18,6 +18,7 @@ boundary (``scale_wrt_gas=False``: no division by an accumulation count).
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..config import PolicyLossConfig
 from ..packing import PackedBatch
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .distributed import DistContext
 from .forward import lm_head_weight, packed_hidden_states
@@ -104,10 +105,7 @@ class TorchBackend:
     def step(self) -> float:
         """Clip (``actor.grad_clip > 0``), update, advance the schedule; returns the pre-clip gradient norm."""
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.grad_clip > 0:
-            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
-        else:
-            norm = float(torch.stack([p.grad.detach().norm() for p in params]).norm()) if params else 0.0
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf))
         self.optimizer.step()
         self.scheduler.step()
         return norm
@@ -122,8 +120,6 @@ class TorchBackend:
 
     def save(self, path: Path, client_state: dict[str, Any]) -> Path:
         """One file ``<path>.pt`` with the model, optimizer and schedule states and ``client_state``."""
-        from .checkpoint import rng_state
-
         file = path.with_suffix(".pt")
         payload = {**client_state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
@@ -132,8 +128,6 @@ class TorchBackend:
 
     def load(self, path: Path) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save`; returns its client state."""
-        from .checkpoint import load_checkpoint, set_rng_state
-
         if path.is_dir():
             raise ValueError(f"{path} is a DeepSpeed checkpoint; resume it with actor.strategy=deepspeed")
         payload = load_checkpoint(path)
@@ -209,8 +203,6 @@ class DeepSpeedBackend:
                 yield name, (param.detach().clone() if self.stage == 3 else param.detach())
 
     def save(self, path: Path, client_state: dict[str, Any]) -> Path:
-        from .checkpoint import rng_state
-
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
         state = rng_state()
         atomic_write_bytes(path / f"rng_rank{self.dist.rank}.pt", lambda handle: torch.save(state, handle))
@@ -220,8 +212,6 @@ class DeepSpeedBackend:
         return path
 
     def load(self, path: Path) -> dict[str, Any]:
-        from .checkpoint import set_rng_state
-
         if not path.is_dir():
             raise ValueError(f"{path} is a single-process checkpoint; resume it with actor.strategy=torch")
         written_by = int((path / WORLD_SIZE_FILE).read_text().strip())
