@@ -153,6 +153,7 @@ class DeepSpeedBackend:
         self.model = model
         self.dist = dist
         self.ds_config = deepspeed_config(config)
+        self.bucket_megabytes = config.rollout.update_weights_bucket_megabytes
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         self.module = PolicyModule(model)
         if self.stage == 3:
@@ -196,11 +197,25 @@ class DeepSpeedBackend:
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def full_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(HF name, full tensor)`` per parameter; under ZeRO-3 gathered one at a time (a collective: every
-        rank must consume the whole iterator, in the same order) and cloned, as the gather ends with the step."""
-        for name, param in self.model.named_parameters():
-            with self.gathered([param]):
-                yield name, (param.detach().clone() if self.stage == 3 else param.detach())
+        """``(HF name, full tensor)`` per parameter. Under ZeRO-3 they are gathered in buckets of about
+        ``rollout.update_weights_bucket_megabytes`` (one coalesced all-gather each; a collective: every rank must
+        consume the whole iterator) and cloned, since the full data is released when the gather ends; at most one
+        bucket is held at a time (0: one parameter at a time)."""
+        bucket_bytes = self.bucket_megabytes * 2**20
+        named = list(self.model.named_parameters())
+        if self.stage != 3:
+            yield from ((name, param.detach()) for name, param in named)
+            return
+        bucket: list[tuple[str, nn.Parameter]] = []
+        size = 0
+        for index, (name, param) in enumerate(named):
+            bucket.append((name, param))
+            size += param.ds_numel * param.element_size()  # ds_numel: the full size of a partitioned parameter
+            if size >= bucket_bytes or index == len(named) - 1:
+                with self.gathered([p for _, p in bucket]):
+                    full = [(n, p.detach().clone()) for n, p in bucket]
+                yield from full
+                bucket, size = [], 0
 
     def save(self, path: Path, client_state: dict[str, Any]) -> Path:
         self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)

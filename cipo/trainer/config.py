@@ -53,6 +53,7 @@ class RolloutConfig:
     max_response_length: int = 64
     gpu_memory_utilization: float = 0.4
     free_cache_engine: bool = True  # vLLM on GPU: sleep (weights to host, KV cache freed) while the trainer works
+    update_weights_bucket_megabytes: int = 256  # ZeRO-3: weights gathered for the engine per bucket (0: per tensor)
 
 
 @dataclass
@@ -149,6 +150,7 @@ class TrainConfig:
             (self.rollout.n >= 1, "rollout.n must be >= 1"),
             (self.rollout.temperature > 0, "rollout.temperature must be > 0"),
             (self.rollout.max_response_length >= 1, "rollout.max_response_length must be >= 1"),
+            (self.rollout.update_weights_bucket_megabytes >= 0, "rollout.update_weights_bucket_megabytes must be >= 0"),
             (self.actor.lr > 0, "actor.lr must be > 0"),
             (self.actor.ppo_epochs >= 1, "actor.ppo_epochs must be >= 1"),
             (self.actor.micro_batch_tokens >= 1, "actor.micro_batch_tokens must be >= 1"),
