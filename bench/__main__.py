@@ -34,10 +34,11 @@ SECTIONS: dict[str, list[tuple[str, str, list[str], float]]] = {
     "cpu": [("loss", "bench.loss_suite", ["--part", "targets"], 0.66),
             ("trainer", "bench.trainer_suite", [], 0.24),
             ("verifiers", "bench.verifier_suite", [], 0.10)],
-    # GPU: issue 3's shapes first, then the trainer, then the sweep with whatever time is left.
-    "gpu": [("loss", "bench.loss_suite", ["--part", "targets"], 0.55),
-            ("trainer", "bench.trainer_suite", [], 0.25),
-            ("loss_sweep", "bench.loss_suite", ["--part", "sweep"], 0.20)],
+    # GPU: issue 3's shapes first, then the tiling study, the trainer, and the sweep with whatever time is left.
+    "gpu": [("loss", "bench.loss_suite", ["--part", "targets"], 0.40),
+            ("loss_tiling", "bench.loss_suite", ["--part", "tiling"], 0.22),
+            ("trainer", "bench.trainer_suite", [], 0.19),
+            ("loss_sweep", "bench.loss_suite", ["--part", "sweep"], 0.19)],
 }
 DEFAULT_BUDGET_S = {("cpu", False): 1200, ("cpu", True): 270, ("gpu", False): 330, ("gpu", True): 200}
 GRACE_S = 60  # a section may overrun its deadline by one measurement before it is killed

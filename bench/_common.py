@@ -142,6 +142,31 @@ def cuda_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def cuda_kernel_breakdown(fn: Callable[[], Any], device: torch.device, top: int = 8) -> list[dict[str, Any]]:
+    """Device time per kernel of one call of ``fn`` (torch.profiler, CUDA activity): the ``top`` kernels by total
+    time, then the rest summed, as ``{"kernel", "calls", "ms"}`` rows. Where the time of a method goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us > 0:
+            rows.append({"kernel": ev.key[:90], "calls": int(ev.count), "ms": round(us / 1000.0, 3)})
+    rows.sort(key=lambda r: -r["ms"])
+    rest = rows[top:]
+    rows = rows[:top]
+    if rest:
+        rows.append({"kernel": f"({len(rest)} other kernels)", "calls": sum(r["calls"] for r in rest),
+                     "ms": round(sum(r["ms"] for r in rest), 3)})
+    return rows
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
     return cuda_peak_bytes(fn, device) if device.type == "cuda" else cpu_peak_alloc_bytes(fn)
 

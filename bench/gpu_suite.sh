@@ -10,8 +10,9 @@
 # 2. runs the kernel tests on the GPU with real Triton compilation (TRITON_INTERPRET=0; their bf16 and fp32 cases);
 # 3. times, in one process per section: fused_linear_policy_loss vs naive torch (fp32 logits materialised, verl's
 #    default) vs the bare LM-head matmul forward+backward [+ linear_logprob, Liger GRPO, Liger FLCE, CCE] at
-#    T ∈ {8192, 32768}, H ∈ {2560, 4096}, V = 151936, bf16 (and fp32 at T=8192, H=4096), error vs float64; then a
-#    training step of a Qwen3-4B-shaped model (longest context that fits, fused loss on/off, checkpointing on/off);
+#    T ∈ {8192, 32768}, H ∈ {2560, 4096}, V = 151936, bf16 (and fp32 at T=8192, H=4096), error vs float64; then the
+#    tiling study (token chunks of 384…2048 rows, fp32 or weight-dtype dW sum, fp32 or half logits tiles, vs vocab
+#    slabs: the evidence for the automatic rule); then a training step of a Qwen3-4B-shaped model (longest context that fits, fused loss on/off, checkpointing on/off);
 #    then the T sweep 1k…32k × V ∈ {32000, 151936} with every baseline, as far as the time budget goes;
 # 4. prints the target table last and leaves in $OUT: gpu_suite.log, kernel_tests.txt, gpu.json, gpu.md, gpu_loss.png,
 #    gpu_trainer.png.
@@ -91,7 +92,14 @@ fi
 timeout 60 "$PY" -c "import cipo, cipo.kernels; print('cipo from', cipo.__file__)"
 
 stage "kernel tests on CUDA (real Triton compilation), timeout ${TEST_TIMEOUT} s"
-timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/kernels -q -p no:cacheprovider -o addopts="" -rfE 2>&1 \
+# Compilation dominates on a GPU: spread the tests over pytest-xdist workers when it is installed (it shares
+# Triton's on-disk cache). Never on the CPU interpreter (2 cores, and the tests measure CPU memory).
+XDIST=()
+if [ "${GPU_SUITE_TEST_ON_CPU:-0}" != 1 ] && timeout 30 "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "${GPU_SUITE_TEST_WORKERS:-8}")
+fi
+timeout "$TEST_TIMEOUT" "$PY" -m pytest tests/kernels -q -p no:cacheprovider -o addopts="" -rfE --durations=10 \
+    ${XDIST[@]+"${XDIST[@]}"} 2>&1 \
     | tee "$OUT/kernel_tests.txt" | tail -n 40
 test_rc=${PIPESTATUS[0]}; echo
 case $test_rc in

@@ -12,7 +12,10 @@ Methods (``METHODS``):
 * ``compile`` — ``torch.compile`` of the naive log-prob function (loss eager).
 * ``linear_logprob`` — ours, unfused: ``cipo.linear_logprob`` (tiled, 8·THV) then ``cipo_policy_loss``.
 * ``fused`` — ours: ``cipo.fused_linear_policy_loss`` (automatic tiling; 6·THV with token chunks).
-* ``fused_token`` / ``fused_vocab`` — the fused loss with its tiling forced (CPU target shape only).
+* ``fused_token`` / ``fused_vocab`` — the fused loss with its tiling forced; ``fused_token_c<C>`` forces token
+  chunks of ``C`` rows and ``fused_token_c<C>_wacc`` adds ``dw_accum="weight"`` (the cross-chunk ``dW`` sum in the
+  weight dtype: no fp32 ``V × H`` accumulator) — the GPU tiling study (``--part tiling``) that sets the automatic
+  rule.
 * ``liger_grpo`` — Liger-Kernel's ``LigerFusedLinearGRPOLoss`` (chunked torch; different semantics, see below).
 * ``cce`` — Apple's Cut Cross-Entropy ``linear_cross_entropy(reduction="none")`` as the log-prob, then
   ``cipo_policy_loss`` (``impl="torch_compile"`` on CPU, ``impl="cce"`` — Triton, default gradient filtering — on
@@ -46,6 +49,7 @@ from bench._common import (  # noqa: E402
     Timer,
     apply_thread_setting,
     available_ram_bytes,
+    cuda_kernel_breakdown,
     environment,
     free_memory,
     is_oom,
@@ -96,6 +100,33 @@ LABELS = {
 MATERIALISING = {"naive", "compile", "matmul"}
 
 
+def _token_variant(method: str) -> Optional[tuple[int, str, bool]]:
+    """``(chunk_tokens, dw_accum, half_tiles)`` of a ``fused_token_c<C>[_wacc][_hz]`` method name, else None
+    (``_wacc``: ``dw_accum="weight"``; ``_hz``: logits tiles in the input dtype, the kernel's study knob)."""
+    if not method.startswith("fused_token_c"):
+        return None
+    parts = method[len("fused_token_c"):].split("_")
+    return int(parts[0]), ("weight" if "wacc" in parts else "fp32"), "hz" in parts
+
+
+def label(method: str) -> str:
+    variant = _token_variant(method)
+    if variant is None:
+        return LABELS[method]
+    chunk, acc, half = variant
+    return (f"cipo fused, token chunks of {chunk}, dW sum in {'the weight dtype' if acc == 'weight' else 'fp32'}"
+            + (", half logits tiles" if half else ""))
+
+
+def semantics(method: str) -> str:
+    variant = _token_variant(method)
+    if variant is None:
+        return SEMANTICS[method]
+    notes = (["dW summed over chunks in the weight dtype"] if variant[1] == "weight" else []) + (
+        ["logits rounded to the input dtype, as torch's bf16 path"] if variant[2] else [])
+    return "ours" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 # ----------------------------------------------------------------------------------------------- workload
 
 
@@ -110,6 +141,7 @@ class Shape:
     repeats: int = 3
     warmup: bool = True
     tag: str = ""  # e.g. "cpu-target", "issue-3"
+    profile: tuple[str, ...] = ()  # methods whose device time per kernel is recorded (CUDA, one extra call)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -223,14 +255,21 @@ def build(method: str, wl: Workload) -> StepFn:
         from cipo.kernels.linear_logprob import linear_logprob
 
         return via_logp(lambda: linear_logprob(h, w, b.targets, CONFIG.temperature))
-    if method in ("fused", "fused_token", "fused_vocab"):
-        from cipo.kernels.fused_linear_policy_loss import fused_linear_policy_loss
+    if method in ("fused", "fused_token", "fused_vocab") or _token_variant(method) is not None:
+        import cipo.kernels.fused_linear_policy_loss as flpl
 
-        tiling = {"fused": None, "fused_token": "token", "fused_vocab": "vocab"}[method]
+        variant = _token_variant(method)
+        tiling = {"fused": None, "fused_token": "token", "fused_vocab": "vocab"}.get(method, "token")
+        chunk_tokens, dw_accum, half_tiles = variant if variant is not None else (None, "fp32", False)
 
         def fused_step() -> dict[str, Optional[torch.Tensor]]:
-            loss, _ = fused_linear_policy_loss(h, w, b, CONFIG, lambda_corr=LAMBDA_CORR, advantages=wl.advantages,
-                                               tiling=tiling)
+            flpl._HALF_TILES_FOR_STUDY = half_tiles
+            try:
+                loss, _ = flpl.fused_linear_policy_loss(h, w, b, CONFIG, lambda_corr=LAMBDA_CORR,
+                                                        advantages=wl.advantages, tiling=tiling,
+                                                        chunk_tokens=chunk_tokens, dw_accum=dw_accum)
+            finally:
+                flpl._HALF_TILES_FOR_STUDY = False
             loss.backward()
             return {"loss": loss.detach(), "logp": None}
 
@@ -330,7 +369,7 @@ def _naive_bytes_estimate(shape: Shape) -> int:
 
 def run_method(method: str, wl: Workload, deadline: Deadline, quick: bool) -> dict[str, Any]:
     shape, device = wl.shape, wl.device
-    row: dict[str, Any] = {"method": method, "label": LABELS[method], "semantics": SEMANTICS[method]}
+    row: dict[str, Any] = {"method": method, "label": label(method), "semantics": semantics(method)}
     reason = unavailable(method, device)
     if reason is None and device.type == "cpu" and method in MATERIALISING | {"cce"}:
         avail = available_ram_bytes()
@@ -362,6 +401,12 @@ def run_method(method: str, wl: Workload, deadline: Deadline, quick: bool) -> di
             timer.run(step, device)
             wl.reset()
         row.update(timer.summary())
+        if method in shape.profile and device.type == "cuda":
+            try:
+                row["kernels"] = cuda_kernel_breakdown(step, device)
+            except Exception as exc:  # noqa: BLE001 - the profiler is a bonus, never a failure of the method
+                row["kernels_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            wl.reset()
         row["peak_extra_bytes"] = int(peak)
         row["grad_bytes"] = int(grad_bytes)
         row["peak_beyond_grads_bytes"] = int(peak - grad_bytes)
@@ -453,7 +498,7 @@ def error_check(shape: Shape, device: torch.device, deadline: Deadline) -> dict[
                             "logp_mean_abs": float(err.mean())})
         del lp
     for method in shape.methods:
-        row: dict[str, Any] = {"method": method, "label": LABELS[method], "semantics": SEMANTICS[method]}
+        row: dict[str, Any] = {"method": method, "label": label(method), "semantics": semantics(method)}
         reason = unavailable(method, device)
         if method == "matmul":
             reason = "n/a: no loss"
@@ -493,7 +538,9 @@ def error_check(shape: Shape, device: torch.device, deadline: Deadline) -> dict[
 
 
 CPU_METHODS = ("naive", "compile", "linear_logprob", "fused", "liger_grpo", "cce", "matmul")
-GPU_METHODS = ("matmul", "naive", "fused", "linear_logprob", "liger_grpo", "cce", "liger_flce", "compile")
+# The GPU sweep leaves out the methods that compile per shape (torch.compile; Liger's GRPO loss, compiled=True):
+# their compile time would spend the sweep's share of the 8-minute budget. Liger GRPO is timed at the target shapes.
+GPU_METHODS = ("matmul", "naive", "fused", "linear_logprob", "cce", "liger_flce")
 
 
 def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shape]]:
@@ -518,6 +565,16 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
                 shapes.append(Shape(8192, 4096, 151936, "float32", seq_len=1024,
                                     methods=("matmul", "naive", "fused", "linear_logprob"), repeats=3, tag="fp32"))
             return shapes, Shape(2048, 4096, 151936, "bfloat16", seq_len=1024, methods=issue3, tag="error")
+        if part == "tiling":
+            # Token chunks (6·THV, fp32 or weight-dtype dW sum, two chunk sizes) vs vocab slabs (8·THV) at the
+            # issue's shapes: the numbers behind the automatic rule (fused_linear_policy_loss._choose_tiling).
+            variants = ("matmul", "fused_vocab", "fused_token_c384", "fused_token_c1024", "fused_token_c384_wacc",
+                        "fused_token_c1024_wacc", "fused_token_c2048_wacc", "fused_token_c1024_wacc_hz",
+                        "fused_token_c2048_wacc_hz")
+            shapes = [Shape(T, H, 151936, "bfloat16", seq_len=1024, methods=variants, repeats=3, tag="tiling")
+                      for T, H in ((8192, 4096),) + (() if quick else ((32768, 4096), (8192, 2560)))]
+            shapes[0].profile = variants  # where each variant's time goes, kernel by kernel
+            return shapes, Shape(2048, 4096, 151936, "bfloat16", seq_len=1024, methods=variants[1:], tag="error")
         if part == "sweep":
             Ts = (1024, 8192) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
             shapes = [Shape(T, 4096, V, "bfloat16", seq_len=1024, methods=GPU_METHODS, repeats=3, tag="sweep")
@@ -529,7 +586,7 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description="loss section of the benchmark suites")
     ap.add_argument("--suite", choices=("cpu", "gpu"), required=True)
-    ap.add_argument("--part", default="targets", choices=("targets", "sweep"))
+    ap.add_argument("--part", default="targets", choices=("targets", "tiling", "sweep"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated methods to leave out (recorded as skipped)")
     ap.add_argument("--deadline-s", type=float, default=None)
@@ -557,7 +614,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for shape in shapes:
         result["shapes"].append(run_shape(strip(shape), device, deadline, args.quick))
         write_json(args.out, result)  # partial results survive a timeout
-        if shape.tag in ("issue-3", "quick") and err_shape is not None and result["error"] is None:
+        if shape.tag in ("issue-3", "tiling", "quick") and err_shape is not None and result["error"] is None:
             result["error"] = error_check(strip(err_shape), device, deadline)
             write_json(args.out, result)
     if err_shape is not None and result["error"] is None:

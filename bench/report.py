@@ -64,6 +64,13 @@ def loss_table(shape_result: dict[str, Any], gpu: bool) -> list[str]:
             f"| {r['label']} | {_fmt_time(r['median_s'], gpu)} | {_spread(r, gpu)} | {_ratio(r.get('time_vs_naive'))} "
             f"|{cpu_cell} {_ratio(r.get('time_vs_matmul'))} | {_fmt_bytes(r['peak_extra_bytes'])} "
             f"| {_ratio(r.get('memory_vs_naive'))} | {_fmt_bytes(r['peak_beyond_grads_bytes'])} | {r['semantics']} |")
+    profiled = [r for r in shape_result["rows"] if r.get("kernels")]
+    if profiled:
+        lines += ["", "Device time per kernel (one profiled call, torch.profiler):", ""]
+        for r in profiled:
+            total = sum(k["ms"] for k in r["kernels"])
+            lines.append(f"- {r['label']} ({total:.2f} ms): " + "; ".join(
+                f"`{k['kernel'][:60]}` ×{k['calls']} {k['ms']:.2f} ms" for k in r["kernels"]))
     return lines + [""]
 
 
@@ -195,7 +202,7 @@ def markdown(data: dict[str, Any]) -> str:
         if sec.get("status") not in (None, "ok"):
             lines += [f"## {key}", "", f"Not completed: {sec['status']}", ""]
         if key.startswith("loss"):
-            part = "kernel targets" if key == "loss" else "T sweep"
+            part = {"loss": "kernel targets", "loss_tiling": "tiling study"}.get(key, "T sweep")
             lines += [f"## Loss: LM head + policy loss, forward + backward ({part})", "",
                       f"Loss: {sec.get('config')}. Peak extra memory: "
                       + ("`torch.cuda.max_memory_allocated` minus the memory allocated before the call"
@@ -316,6 +323,13 @@ def summary(data: dict[str, Any]) -> str:
         for s in loss.get("shapes", []):
             if s["shape"].get("tag") in ("issue-3", "cpu-target", "quick"):
                 lines += loss_table(s, gpu)
+    tiling = data.get("sections", {}).get("loss_tiling")
+    if tiling:
+        lines += ["Tiling study (the automatic rule's evidence):", ""]
+        for s in tiling.get("shapes", []):
+            lines += loss_table(s, gpu)
+        if tiling.get("error"):
+            lines += error_table(tiling["error"])
     tr = data.get("sections", {}).get("trainer")
     if tr and tr.get("longest_fit"):
         lines += ["Trainer, longest context that fits: " + "; ".join(f"{k}: {v}" for k, v in tr["longest_fit"].items())]

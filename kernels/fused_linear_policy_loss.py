@@ -141,6 +141,11 @@ __all__ = ["MEMORY_BUDGET_BYTES", "fused_linear_policy_loss"]
 #: Extra-memory budget the automatic tiling choice respects (the issue's target on GPU).
 MEMORY_BUDGET_BYTES = int(1.5 * 2**30)
 
+#: Study knob of the GPU tiling benchmark (bench/loss_suite.py), not an API: token-chunk logits tiles in the input
+#: dtype (half: the precision of torch's own bf16 path and of Liger's fused cross-entropy) instead of fp32, with
+#: ``dL/dz`` written in place — half the tile's bytes and epilogue traffic. Off by default.
+_HALF_TILES_FOR_STUDY = False
+
 _KL_CODE = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
 _TIS_CODE = {None: 0, "token": 1, "sequence": 2}
 _NUM_PARTS = 2  # base, correction
@@ -589,7 +594,7 @@ def _token_path(hidden: torch.Tensor, weight: torch.Tensor, k: _Consts, plan: Ch
     grad = need_h or need_w
     bounds = _chunk_bounds(k, plan.chunk_tokens, whole_sequences=k.deferred)
     max_rows = max((r1 - r0 for r0, r1 in bounds), default=0)
-    ldt = logits_dtype(hidden.dtype, device)
+    ldt = hidden.dtype if _HALF_TILES_FOR_STUDY else logits_dtype(hidden.dtype, device)
     zbuf = torch.empty(max_rows * n_vocab, dtype=ldt, device=device)
     obuf = torch.empty(max_rows * n_vocab, dtype=weight.dtype, device=device) if grad and ldt != weight.dtype \
         else None

@@ -318,13 +318,18 @@ def test_on_policy(impl, tis_mode):
     case.batch.old_logp = None
     b, m = case.batch, case.batch.loss_mask
     logp64, _ = _logp_entropy(case.hidden.double(), case.weight.double(), b.targets, case.temperature)
-    log_w = torch.linspace(-0.4, 0.6, b.num_tokens, dtype=torch.float64)[torch.randperm(b.num_tokens)]
+    perm = torch.randperm(b.num_tokens, generator=torch.Generator().manual_seed(30))  # not the global RNG
+    log_w = torch.linspace(-0.4, 0.6, b.num_tokens, dtype=torch.float64)[perm]
     b.rollout_logp = torch.where(m, logp64 - log_w, 0.0).float()
     cap = 1.2
-    if tis_mode == "sequence":  # the cap halfway between two sequences' log-weights: it binds for some
+    if tis_mode == "sequence":
+        # The cap in the widest gap between two sequences' log-weights: it binds for some sequences and not for
+        # others, and fp32 rounding of the sums (~1e-6) cannot move a sequence across it.
         sums = torch.zeros(b.num_seqs, dtype=torch.float64).index_add_(0, b.seq_index(), torch.where(m, log_w, 0.0))
-        mid = sums.sort().values[b.num_seqs // 2 - 1: b.num_seqs // 2 + 1].mean()
-        cap = float(torch.exp(mid))
+        vals = sums.sort().values
+        gap = int((vals[1:] - vals[:-1]).argmax())
+        assert vals[gap + 1] - vals[gap] > 1e-3
+        cap = float(torch.exp((vals[gap] + vals[gap + 1]) / 2))
     config = PolicyLossConfig(**dict(FULL, tis_mode=tis_mode, tis_cap=cap))
     # chunk 9 < the longest sequence (7 loss rows) + a neighbour: chunks are cut on sequence boundaries
     want = _compare(impl, case, config, chunk=9, lambda_corr=0.5)
