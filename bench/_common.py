@@ -81,10 +81,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     status = _git("status", "--porcelain")
     lines = status.splitlines() if status else []
     env: dict[str, Any] = {
-        "commit": _git("rev-parse", "HEAD"),
+        # CIPO_BENCH_COMMIT: for a copy of the tree whose .git is not the source's (a lent GPU machine)
+        "commit": os.environ.get("CIPO_BENCH_COMMIT") or _git("rev-parse", "HEAD"),
         # the working tree differs from the commit (modified or untracked files): the numbers are of that tree
-        "worktree_changes": None if status is None else {"modified": sum(not ln.startswith("??") for ln in lines),
-                                                         "untracked": sum(ln.startswith("??") for ln in lines)},
+        "worktree_changes": None if status is None or os.environ.get("CIPO_BENCH_COMMIT") else {
+            "modified": sum(not ln.startswith("??") for ln in lines),
+            "untracked": sum(ln.startswith("??") for ln in lines)},
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu": cpu_model(),

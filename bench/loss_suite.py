@@ -78,6 +78,7 @@ SEMANTICS = {
     "fused": "ours",
     "fused_token": "ours",
     "fused_vocab": "ours",
+    "fused_wacc": "ours (dW summed over chunks in the weight dtype, as Liger's fused cross-entropy does)",
     "liger_grpo": ("differs: one stream (no λ·L_corr), bnpo token-mean over all tokens, no dual-clip; TIS via "
                    "vllm_is_ratio; [B, L] padded layout (equal lengths here, so no padding); compiled=True on "
                    "CUDA (its default), False on CPU"),
@@ -92,6 +93,7 @@ LABELS = {
     "fused": "cipo fused_linear_policy_loss",
     "fused_token": "cipo fused, token chunks",
     "fused_vocab": "cipo fused, vocab slabs",
+    "fused_wacc": "cipo fused, dw_accum=\"weight\"",
     "liger_grpo": "Liger LigerFusedLinearGRPOLoss",
     "cce": "Cut Cross-Entropy + loss",
     "liger_flce": "Liger FLCE (reduction=none) + loss",
@@ -179,7 +181,7 @@ def make_workload(shape: Shape, device: torch.device, seed: int = 0) -> Workload
         group = i // 4
         seqs.append(SequenceSample(
             torch.randint(0, V, (1,), generator=gen), torch.randint(0, V, (L - 1,), generator=gen),
-            reward=float(torch.rand((), generator=gen) < 0.5), group_id=group, stream=group % 2,
+            reward=_reward(i, gen), group_id=group, stream=group % 2,
         ))  # fmt: skip
     batch = PackedBatch.from_sequences(seqs)
     dtype = shape.torch_dtype
@@ -194,6 +196,14 @@ def make_workload(shape: Shape, device: torch.device, seed: int = 0) -> Workload
     batch.rollout_logp = torch.where(m, old + 0.05 * noise[1], 0.0)
     adv = group_advantages(batch.reward, batch.group_id)
     return Workload(shape, device, hidden.requires_grad_(True), weight.requires_grad_(True), batch, adv)
+
+
+def _reward(i: int, gen: torch.Generator) -> float:
+    """Random 0/1 rewards, except that the first two sequences of each group of 4 get 1 and 0: no group has equal
+    rewards, so every sequence has a non-zero advantage (the loss and its gradient are never trivially 0)."""
+    if i % 4 < 2:
+        return float(i % 4 == 0)
+    return float(torch.rand((), generator=gen) < 0.5)
 
 
 @torch.no_grad()
@@ -255,12 +265,13 @@ def build(method: str, wl: Workload) -> StepFn:
         from cipo.kernels.linear_logprob import linear_logprob
 
         return via_logp(lambda: linear_logprob(h, w, b.targets, CONFIG.temperature))
-    if method in ("fused", "fused_token", "fused_vocab") or _token_variant(method) is not None:
+    if method in ("fused", "fused_token", "fused_vocab", "fused_wacc") or _token_variant(method) is not None:
         import cipo.kernels.fused_linear_policy_loss as flpl
 
         variant = _token_variant(method)
         tiling = {"fused": None, "fused_token": "token", "fused_vocab": "vocab"}.get(method, "token")
-        chunk_tokens, dw_accum, half_tiles = variant if variant is not None else (None, "fp32", False)
+        chunk_tokens, dw_accum, half_tiles = variant if variant is not None else (
+            None, "weight" if method == "fused_wacc" else "fp32", False)
 
         def fused_step() -> dict[str, Optional[torch.Tensor]]:
             flpl._HALF_TILES_FOR_STUDY = half_tiles
@@ -484,6 +495,9 @@ def error_check(shape: Shape, device: torch.device, deadline: Deadline) -> dict[
         logp64 = naive_logp(h64, w64, wl.batch.targets)
         loss64 = _loss_from_logp(wl, logp64) if sem == "cipo" else liger_reference_loss(wl, logp64)
         loss64.backward()
+        if float(loss64) == 0.0 or float(h64.grad.norm()) == 0.0:
+            raise RuntimeError(f"error check at {shape.describe()}: the float64 {sem} loss or its gradient is 0; "
+                               "the batch needs groups with different rewards")
         refs[sem] = {"loss": loss64.detach(), "logp": logp64.detach(), "dH": h64.grad, "dW": w64.grad}
         h64.grad = w64.grad = None
     out["reference"] = {"cipo_loss": float(refs["cipo"]["loss"]), "liger_loss": float(refs["liger"]["loss"])}
@@ -557,14 +571,14 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
                  for V, T in ((32000, 1024), (32000, 4096), (151936, 1024))]
         return [target, *sweep], Shape(1024, 256, 32000, methods=CPU_METHODS, tag="error")
     if suite == "gpu":
-        issue3 = ("matmul", "naive", "fused", "linear_logprob", "liger_grpo", "cce", "liger_flce")
+        issue3 = ("matmul", "naive", "fused", "fused_wacc", "linear_logprob", "liger_grpo", "cce", "liger_flce")
         if part == "targets":
             shapes = [Shape(T, H, 151936, "bfloat16", seq_len=1024, methods=issue3, repeats=5, tag="issue-3")
                       for T, H in ((8192, 4096),) + (() if quick else ((32768, 4096), (8192, 2560), (32768, 2560)))]
             if not quick:
                 shapes.append(Shape(8192, 4096, 151936, "float32", seq_len=1024,
                                     methods=("matmul", "naive", "fused", "linear_logprob"), repeats=3, tag="fp32"))
-            return shapes, Shape(2048, 4096, 151936, "bfloat16", seq_len=1024, methods=issue3, tag="error")
+            return shapes, Shape(2048, 4096, 151936, "bfloat16", seq_len=256, methods=issue3, tag="error")
         if part == "tiling":
             # Token chunks (6·THV, fp32 or weight-dtype dW sum, two chunk sizes) vs vocab slabs (8·THV) at the
             # issue's shapes: the numbers behind the automatic rule (fused_linear_policy_loss._choose_tiling).
@@ -572,9 +586,10 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
                         "fused_token_c1024_wacc", "fused_token_c2048_wacc", "fused_token_c1024_wacc_hz",
                         "fused_token_c2048_wacc_hz")
             shapes = [Shape(T, H, 151936, "bfloat16", seq_len=1024, methods=variants, repeats=3, tag="tiling")
-                      for T, H in ((8192, 4096),) + (() if quick else ((32768, 4096), (8192, 2560)))]
+                      for T, H in ((8192, 4096),) + (() if quick else ((8192, 2560), (32768, 4096)))]
             shapes[0].profile = variants  # where each variant's time goes, kernel by kernel
-            return shapes, Shape(2048, 4096, 151936, "bfloat16", seq_len=1024, methods=variants[1:], tag="error")
+            # 8192 tokens: 4 to 21 chunks, so the weight-dtype dW sum's rounding shows as it would at the targets
+            return shapes, Shape(8192, 4096, 151936, "bfloat16", seq_len=256, methods=variants[1:], tag="error")
         if part == "sweep":
             Ts = (1024, 8192) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
             shapes = [Shape(T, 4096, V, "bfloat16", seq_len=1024, methods=GPU_METHODS, repeats=3, tag="sweep")

@@ -112,7 +112,7 @@ from ._chunking import (
     tile_view,
     vocab_slab_pass,
 )
-from ._dispatch import use_triton
+from ._dispatch import NO_FP_FUSION, use_triton
 from .linear_logprob import IGNORE_INDEX, OnlineRowStats, softmax_grad_, update_row_stats_
 from .policy_loss_ref import (
     K3_CLAMP,
@@ -417,7 +417,7 @@ def _launch(k: _Consts, phase: tuple[bool, bool, bool], *, z: Optional[torch.Ten
         ON_POLICY=k.on_policy, NUM_PARTS=_NUM_PARTS, NUM_COLS=_NUM_COLS, DUAL_CLIP=k.clip_c is not None,
         KL_MODE=k.kl_mode, KL_IN_LOSS=k.kl_in_loss,
         TIS_MODE=k.tis_mode, ENT_IN_LOSS=k.ent_in_loss, RATIO_CLAMP=LOG_RATIO_CLAMP, K3_X_CLAMP=K3_LOG_RATIO_CLAMP,
-        K3_Y_CLAMP=K3_CLAMP, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        K3_Y_CLAMP=K3_CLAMP, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps, **NO_FP_FUSION,
     )  # fmt: skip
     return partials.sum(0, dtype=torch.float64) if do_terms else None
 
@@ -871,19 +871,42 @@ def _compact(k: _Consts) -> tuple[_Consts, Optional[torch.Tensor]]:
                    coefs=k.coefs.index_select(1, rows).contiguous()), rows
 
 
-def _choose_tiling(n_rows: int, n_vocab: int, n_hidden: int, plan: ChunkPlan, k: _Consts, dw_accum: str = "fp32"
-                   ) -> str:
-    """Token chunks (6·THV) when their extra memory fits :data:`MEMORY_BUDGET_BYTES` — the fp32 ``dW`` accumulator
-    (none for one chunk or ``dw_accum="weight"``) plus two tiles (the tile and the half GEMM operand or the
-    accumulation temporaries of ``addmm_acc_``) — and, for on-policy sequence TIS, no sequence is longer than a
+def _tile_bytes(chunk_rows: int, n_vocab: int, weight_dtype: torch.dtype) -> int:
+    """Bytes of one token chunk's tile: fp32 logits (an upper bound: half on CPU) plus, for half weights, the
+    half copy of ``dL/dz`` that feeds the gradient GEMMs."""
+    half = weight_dtype in (torch.float16, torch.bfloat16)
+    return chunk_rows * n_vocab * (4 + (2 if half else 0))
+
+
+def _choose_tiling(n_rows: int, n_vocab: int, n_hidden: int, plan: ChunkPlan, k: _Consts, dw_accum: str = "fp32",
+                   weight_dtype: torch.dtype = torch.float32) -> str:
+    """Token chunks (6·THV) when their extra memory fits :data:`MEMORY_BUDGET_BYTES` — the tile (:func:`_tile_bytes`),
+    the fp32 ``dW`` accumulator (none for one chunk or ``dw_accum="weight"``) and, for half weights summed in fp32,
+    ``addmm_acc_``'s fp32 products (one tile budget) — and, for on-policy sequence TIS, no sequence is longer than a
     chunk; else the tiling with the smaller accumulator."""
-    acc_bytes = n_vocab * n_hidden * 4 if n_rows > plan.chunk_tokens and dw_accum == "fp32" else 0
-    tile_bytes = plan.chunk_tokens * n_vocab * 4
-    fits = acc_bytes + 2 * tile_bytes <= MEMORY_BUDGET_BYTES
+    accumulated = n_rows > plan.chunk_tokens and dw_accum == "fp32"
+    acc_bytes = n_vocab * n_hidden * 4 if accumulated else 0
+    temp_bytes = plan.tile_elems * 4 if accumulated and weight_dtype in (torch.float16, torch.bfloat16) else 0
+    fits = acc_bytes + _tile_bytes(plan.chunk_tokens, n_vocab, weight_dtype) + temp_bytes <= MEMORY_BUDGET_BYTES
     if fits and k.deferred and n_rows:
         _, counts = torch.unique_consecutive(k.seq_index, return_counts=True)
         fits = int(counts.max()) <= plan.chunk_tokens
     return "token" if fits else smaller_accumulator_axis(n_rows, n_vocab)
+
+
+#: Most rows per token chunk that :func:`_weight_accum_chunk_rows` picks (the largest size measured).
+_MAX_WEIGHT_ACCUM_CHUNK = 2048
+
+
+def _weight_accum_chunk_rows(n_vocab: int, weight_dtype: torch.dtype) -> int:
+    """Rows per token chunk on CUDA when ``dW`` is summed in the weight dtype: the largest multiple of 128 (at most
+    2048) whose tile fits 90 % of :data:`MEMORY_BUDGET_BYTES` — 1536 at V = 151936 with bf16 weights.
+
+    Each chunk re-reads and re-writes the whole ``V × H`` gradient (``addmm_`` with beta = 1), so few large chunks
+    win: on an H100 at T = 8192, H = 4096, V = 151936 (bench/results/gpu-h100.md, tiling study) chunks of 384 rows
+    took 64.4 ms of device time and chunks of 1024 or 2048 rows 50.0 and 49.8 ms."""
+    rows = int(0.9 * MEMORY_BUDGET_BYTES) // _tile_bytes(1, max(n_vocab, 1), weight_dtype)
+    return max(128, min(_MAX_WEIGHT_ACCUM_CHUNK, rows // 128 * 128))
 
 
 def _check_interpreted() -> None:
@@ -971,7 +994,12 @@ def fused_linear_policy_loss(
     k, rows = _compact(k)
     n_rows, n_vocab, n_hidden = k.targets.numel(), weight.shape[0], weight.shape[1]
     plan = plan_chunks(n_rows, n_vocab, device, chunk_tokens)
-    chosen = tiling if tiling is not None else _choose_tiling(n_rows, n_vocab, n_hidden, plan, k, dw_accum)
+    if chunk_tokens is None and dw_accum == "weight" and tiling != "vocab" and device.type == "cuda":
+        rows_per_chunk = _weight_accum_chunk_rows(n_vocab, weight.dtype)
+        if rows_per_chunk > plan.chunk_tokens:
+            plan = plan_chunks(n_rows, n_vocab, device, rows_per_chunk)
+    chosen = tiling if tiling is not None else _choose_tiling(n_rows, n_vocab, n_hidden, plan, k, dw_accum,
+                                                              weight.dtype)
     triton_path = HAS_TRITON and dtype != torch.float64 and use_triton(hidden, weight)
     if triton_path and not hidden.is_cuda:
         _check_interpreted()

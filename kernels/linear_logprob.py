@@ -59,7 +59,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._chunking import ChunkPlan, accum_dtype, plan_chunks, smaller_accumulator_axis, tile_pass
-from ._dispatch import use_triton
+from ._dispatch import NO_FP_FUSION, use_triton
 
 try:
     import triton
@@ -251,7 +251,7 @@ def _update_row_stats_triton_(
     _row_stats_kernel[(triton.cdiv(n_rows, block_r),)](
         z, z.stride(0), n_rows, n_cols, col_offset, targets,
         st.row_max, st.sum_exp, st.row_max if st.dot is None else st.dot, st.target_logit, inv_temp,
-        WANT_ENT=st.dot is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        WANT_ENT=st.dot is not None, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps, **NO_FP_FUSION,
     )  # fmt: skip
 
 
@@ -329,7 +329,7 @@ def _softmax_grad_triton_(
         row_max if ent is None else ent, row_max if g_logp is None else g_logp, row_max if g_ent is None else g_ent,
         inv_temp,
         HAS_GLOGP=g_logp is not None, HAS_GENT=g_ent is not None,
-        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
+        BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps, **NO_FP_FUSION,
     )  # fmt: skip
 
 

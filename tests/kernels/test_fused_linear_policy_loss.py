@@ -226,9 +226,11 @@ class Impl:
 
 
 def _use_triton(monkeypatch) -> Impl:
-    """Force the Triton path and count launches of the fused kernel (proof that it ran)."""
+    """The Triton path (CUDA tensors take it; CPU tensors when forced, under the interpreter) and a count of the
+    fused kernel's launches (proof that it ran). Forcing only on the interpreter: on a GPU the float64 reference
+    runs on CPU tensors, which must take the torch path."""
     launches: list = []
-    monkeypatch.setenv("CIPO_FORCE_TRITON", "1")
+    monkeypatch.setenv("CIPO_FORCE_TRITON", "1" if DEVICE == "cpu" else "0")
     real = flpl._launch
 
     def spy(*args, **kwargs):
