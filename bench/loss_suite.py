@@ -495,7 +495,7 @@ def error_check(shape: Shape, device: torch.device, deadline: Deadline) -> dict[
         logp64 = naive_logp(h64, w64, wl.batch.targets)
         loss64 = _loss_from_logp(wl, logp64) if sem == "cipo" else liger_reference_loss(wl, logp64)
         loss64.backward()
-        if float(loss64) == 0.0 or float(h64.grad.norm()) == 0.0:
+        if float(loss64.detach()) == 0.0 or float(h64.grad.norm()) == 0.0:
             raise RuntimeError(f"error check at {shape.describe()}: the float64 {sem} loss or its gradient is 0; "
                                "the batch needs groups with different rewards")
         refs[sem] = {"loss": loss64.detach(), "logp": logp64.detach(), "dH": h64.grad, "dW": w64.grad}
