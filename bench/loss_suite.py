@@ -11,7 +11,8 @@ Methods (``METHODS``):
   ``cipo_policy_loss``; autograd backward. The baseline.
 * ``compile`` — ``torch.compile`` of the naive log-prob function (loss eager).
 * ``linear_logprob`` — ours, unfused: ``cipo.linear_logprob`` (tiled, 8·THV) then ``cipo_policy_loss``.
-* ``fused`` — ours: ``cipo.fused_linear_policy_loss`` (automatic tiling; 6·THV with token chunks).
+* ``fused`` — ours: ``cipo.fused_linear_policy_loss`` with its defaults (automatic tiling; ``dw_accum="auto"``:
+  the ``dW`` sum in the weight dtype for half weights on CUDA). ``fused_fp32`` forces ``dw_accum="fp32"``.
 * ``fused_token`` / ``fused_vocab`` — the fused loss with its tiling forced; ``fused_token_c<C>`` forces token
   chunks of ``C`` rows and ``fused_token_c<C>_wacc`` adds ``dw_accum="weight"`` (the cross-chunk ``dW`` sum in the
   weight dtype: no fp32 ``V × H`` accumulator) — the GPU tiling study (``--part tiling``) that sets the automatic
@@ -78,7 +79,7 @@ SEMANTICS = {
     "fused": "ours",
     "fused_token": "ours",
     "fused_vocab": "ours",
-    "fused_wacc": "ours (dW summed over chunks in the weight dtype, as Liger's fused cross-entropy does)",
+    "fused_fp32": "ours (dW summed over chunks in fp32: the default's exact-sum alternative)",
     "liger_grpo": ("differs: one stream (no λ·L_corr), bnpo token-mean over all tokens, no dual-clip; TIS via "
                    "vllm_is_ratio; [B, L] padded layout (equal lengths here, so no padding); compiled=True on "
                    "CUDA (its default), False on CPU"),
@@ -93,7 +94,7 @@ LABELS = {
     "fused": "cipo fused_linear_policy_loss",
     "fused_token": "cipo fused, token chunks",
     "fused_vocab": "cipo fused, vocab slabs",
-    "fused_wacc": "cipo fused, dw_accum=\"weight\"",
+    "fused_fp32": "cipo fused, dw_accum=\"fp32\"",
     "liger_grpo": "Liger LigerFusedLinearGRPOLoss",
     "cce": "Cut Cross-Entropy + loss",
     "liger_flce": "Liger FLCE (reduction=none) + loss",
@@ -265,13 +266,13 @@ def build(method: str, wl: Workload) -> StepFn:
         from cipo.kernels.linear_logprob import linear_logprob
 
         return via_logp(lambda: linear_logprob(h, w, b.targets, CONFIG.temperature))
-    if method in ("fused", "fused_token", "fused_vocab", "fused_wacc") or _token_variant(method) is not None:
+    if method in ("fused", "fused_token", "fused_vocab", "fused_fp32") or _token_variant(method) is not None:
         import cipo.kernels.fused_linear_policy_loss as flpl
 
         variant = _token_variant(method)
         tiling = {"fused": None, "fused_token": "token", "fused_vocab": "vocab"}.get(method, "token")
         chunk_tokens, dw_accum, half_tiles = variant if variant is not None else (
-            None, "weight" if method == "fused_wacc" else "fp32", False)
+            None, "fp32" if method == "fused_fp32" else "auto", False)
 
         def fused_step() -> dict[str, Optional[torch.Tensor]]:
             flpl._HALF_TILES_FOR_STUDY = half_tiles
@@ -571,7 +572,7 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
                  for V, T in ((32000, 1024), (32000, 4096), (151936, 1024))]
         return [target, *sweep], Shape(1024, 256, 32000, methods=CPU_METHODS, tag="error")
     if suite == "gpu":
-        issue3 = ("matmul", "naive", "fused", "fused_wacc", "linear_logprob", "liger_grpo", "cce", "liger_flce")
+        issue3 = ("matmul", "naive", "fused", "fused_fp32", "linear_logprob", "liger_grpo", "cce", "liger_flce")
         if part == "targets":
             shapes = [Shape(T, H, 151936, "bfloat16", seq_len=1024, methods=issue3, repeats=5, tag="issue-3")
                       for T, H in ((8192, 4096),) + (() if quick else ((32768, 4096), (8192, 2560), (32768, 2560)))]

@@ -34,15 +34,21 @@ Two tilings (the drivers of ``_chunking``; ``tiling=`` forces one)
   (``linear_logprob.softmax_grad_``), forms ``dW[slab] = dZᵀ @ h`` once and accumulates ``dH`` (fp32 ``T × H``:
   128 MiB at T = 8192, H = 4096).
 
-``tiling=None`` picks token chunks when their fp32 ``dW`` accumulator plus two tiles fit
-:data:`MEMORY_BUDGET_BYTES` (1.5 GiB), else the tiling with the smaller accumulator (``smaller_accumulator_axis``):
-on GPU at V = 151936 that is vocab slabs for H ≥ 2048 at the default tile.
+``tiling=None`` picks token chunks when the tile (fp32 logits + the half GEMM operand) and, when ``dW`` is summed in
+fp32 over several chunks, its ``V × H`` fp32 accumulator fit :data:`MEMORY_BUDGET_BYTES` (1.5 GiB), else the tiling
+with the smaller accumulator (``smaller_accumulator_axis``): with an fp32 sum on GPU at V = 151936 that is vocab
+slabs for H ≥ 2048.
 
-GPU note (untested here; the reason the choice is not settled): token chunks read and write the whole ``V × H``
-``dW`` accumulator once per chunk (fp32: 4.6 GB per chunk at H = 4096, ~1.5 ms on an H100, against ~0.7 ms for
-the chunk's ``dW`` GEMM at C = 384), so below roughly ``C ≈ 900`` rows (fp32) or ``C ≈ 450`` (``dw_accum="weight"``)
-they are bound by that traffic and can lose to the 8·THV vocab slabs, whose ``T × H`` accumulator is small. The
-GPU session should measure both (``bench/bench_fused_loss.py --device cuda``) and set the rule from that.
+With ``dw_accum="auto"`` (the default) half weights on CUDA sum ``dW`` in the weight dtype, so token chunks fit the
+budget at any shape (chunks of up to 2048 rows, :func:`_weight_accum_chunk_rows`); fp32 sums keep the rule above.
+
+Measured on an H100 (bf16, V = 151936; bench/results/h100-2026-11-26, tiling study with device time per kernel): at
+T = 8192, H = 4096 the bare LM-head matmul forward + backward takes 38 ms of device time; token chunks with the
+weight-dtype sum 48-49 ms (three GEMMs of ~13-15 ms, the epilogue 4.3 ms: two reads of the fp32 tile and a bf16
+write at ~2.9 TB/s, the final scaling by the incoming gradient 1.9 ms); vocab slabs 69 ms (five GEMM-sized
+passes); token chunks with an fp32 sum 71 ms at 1024 rows and 137 ms at 384 rows — ``torch.mm`` with an fp32
+output followed by ``add_`` re-reads and re-writes the fp32 ``V × H`` accumulator (20-54 ms of elementwise
+traffic), which is why the fp32 sum loses on GPU.
 
 Cost (``R`` loss rows, ``C`` rows per chunk, ``Vb`` columns per slab, ``b`` bytes per input element; the tile is
 ``plan_chunks``' budget: 256 MiB of fp32 on CUDA, 64 MiB on CPU, or ``chunk_tokens × V`` elements):
@@ -894,6 +900,20 @@ def _choose_tiling(n_rows: int, n_vocab: int, n_hidden: int, plan: ChunkPlan, k:
     return "token" if fits else smaller_accumulator_axis(n_rows, n_vocab)
 
 
+def resolve_dw_accum(dw_accum: str, device: torch.device, weight_dtype: torch.dtype) -> str:
+    """``"auto"`` → ``"weight"`` for fp16/bf16 weights on CUDA, else ``"fp32"``; other values unchanged.
+
+    Why (H100, bf16, V = 151936; bench/results/h100-2026-11-26): summing ``dW`` in fp32 costs a ``V × H`` fp32
+    buffer (2.3 GiB at H = 4096, over the 1.5 GiB budget, so the automatic tiling falls back to 8·THV vocab slabs:
+    1.76× the bare LM-head matmul at T = 8192, H = 4096) while the weight-dtype sum takes token chunks at 1.28×
+    (1.20× at T = 32768). Its extra rounding moves the relative dW error vs float64 from 2.2e-3 to 3.0-3.2e-3
+    (chunks of 2048-1024 rows, T = 8192); torch's own bf16 path (bf16 logits, fp32 softmax) has 6.2e-3 and Liger's
+    fused cross-entropy 6.4e-3 (T = 2048). The returned ``dW`` is in the weight dtype either way."""
+    if dw_accum != "auto":
+        return dw_accum
+    return "weight" if device.type == "cuda" and weight_dtype in (torch.float16, torch.bfloat16) else "fp32"
+
+
 #: Most rows per token chunk that :func:`_weight_accum_chunk_rows` picks (the largest size measured).
 _MAX_WEIGHT_ACCUM_CHUNK = 2048
 
@@ -903,8 +923,8 @@ def _weight_accum_chunk_rows(n_vocab: int, weight_dtype: torch.dtype) -> int:
     2048) whose tile fits 90 % of :data:`MEMORY_BUDGET_BYTES` — 1536 at V = 151936 with bf16 weights.
 
     Each chunk re-reads and re-writes the whole ``V × H`` gradient (``addmm_`` with beta = 1), so few large chunks
-    win: on an H100 at T = 8192, H = 4096, V = 151936 (bench/results/gpu-h100.md, tiling study) chunks of 384 rows
-    took 64.4 ms of device time and chunks of 1024 or 2048 rows 50.0 and 49.8 ms."""
+    win: on an H100 at T = 8192, H = 4096, V = 151936 (bench/results/h100-2026-11-26, tiling study) chunks of 384
+    rows took 64.1 ms of device time, chunks of 1024 and 2048 rows 49.4 and 47.9 ms."""
     rows = int(0.9 * MEMORY_BUDGET_BYTES) // _tile_bytes(1, max(n_vocab, 1), weight_dtype)
     return max(128, min(_MAX_WEIGHT_ACCUM_CHUNK, rows // 128 * 128))
 
@@ -930,7 +950,7 @@ def fused_linear_policy_loss(
     corr_normalizer: Optional[float] = None,
     estimator: str = "grpo",
     tiling: Optional[str] = None,
-    dw_accum: str = "fp32",
+    dw_accum: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CIPO's joint policy loss straight from the final hidden states and the LM-head weight.
 
@@ -954,8 +974,10 @@ def fused_linear_policy_loss(
         estimator: ``grpo``, ``drgrpo`` or ``rloo`` (only without ``advantages``).
         tiling: ``"token"`` (6·THV, fp32 ``V × H`` accumulator), ``"vocab"`` (8·THV, fp32 ``T × H``
             accumulator) or None (automatic, see :func:`_choose_tiling`).
-        dw_accum: ``"fp32"`` or ``"weight"`` — the dtype of the token tiling's cross-chunk ``dW`` sum. ``"weight"``
-            needs no extra ``V × H`` buffer but rounds the sum to half precision once per chunk.
+        dw_accum: the dtype of the token tiling's cross-chunk ``dW`` sum: ``"fp32"``, ``"weight"`` (no extra
+            ``V × H`` buffer; the running sum is rounded to the weight dtype once per chunk, as Liger's fused
+            cross-entropy does) or ``"auto"`` (default): ``"weight"`` for half weights on CUDA, else ``"fp32"``
+            (:func:`resolve_dw_accum`).
 
     Returns:
         ``(loss, metrics)``: a 0-dim fp32 tensor (fp64 for fp64 inputs) whose backward populates the gradients of
@@ -977,8 +999,8 @@ def fused_linear_policy_loss(
         raise ValueError(f"lambda_corr must be a float >= 0; got {lambda_corr!r}")
     if tiling not in (None, "token", "vocab"):
         raise ValueError(f"tiling must be 'token', 'vocab' or None; got {tiling!r}")
-    if dw_accum not in ("fp32", "weight"):
-        raise ValueError(f"dw_accum must be 'fp32' or 'weight'; got {dw_accum!r}")
+    if dw_accum not in ("auto", "fp32", "weight"):
+        raise ValueError(f"dw_accum must be 'auto', 'fp32' or 'weight'; got {dw_accum!r}")
     _validate(hidden, weight, batch)
     if config.kl_coef > 0 and batch.ref_logp is None:
         raise ValueError("config.kl_coef > 0 needs ref_logp (the reference policy's log-probs)")
@@ -987,6 +1009,7 @@ def fused_linear_policy_loss(
                          "log-probs)")
     device = hidden.device
     dtype = accum_dtype(hidden.dtype)
+    dw_accum = resolve_dw_accum(dw_accum, device, weight.dtype)
     k = _prepare_consts(batch, config, lambda_corr, advantages, estimator, base_normalizer, corr_normalizer, dtype,
                         device)
     token_counts = torch.stack([(k.mask & (batch.stream.to(device)[k.seq_index] == s)).sum()

@@ -650,8 +650,29 @@ def test_tiling_choice_at_gpu_shapes():
     for T, V, H, want in ((8192, 151936, 4096, "vocab"), (32768, 151936, 2560, "vocab"), (8192, 32000, 2048, "token"),
                           (300, 151936, 4096, "token"), (200000, 1000, 64, "token")):
         assert flpl._choose_tiling(T, V, H, plan_chunks(T, V, cuda), k) == want, (T, V, H)
-    # accumulating dW in the weight dtype needs no V × H buffer: token chunks fit at the issue's largest shape
-    assert flpl._choose_tiling(32768, 151936, 4096, plan_chunks(32768, 151936, cuda), k, "weight") == "token"
+    # accumulating dW in the weight dtype needs no V × H buffer: token chunks fit at the issue's largest shape, in
+    # the large chunks that the GPU measurements favour (1536 rows of fp32 logits + the bf16 operand: 1.30 GiB)
+    rows = flpl._weight_accum_chunk_rows(151936, torch.bfloat16)
+    assert rows == 1536 and flpl._tile_bytes(rows, 151936, torch.bfloat16) <= flpl.MEMORY_BUDGET_BYTES
+    plan = plan_chunks(32768, 151936, cuda, rows)
+    assert flpl._choose_tiling(32768, 151936, 4096, plan, k, "weight", torch.bfloat16) == "token"
+    assert flpl._choose_tiling(32768, 151936, 4096, plan, k, "fp32", torch.bfloat16) == "vocab"
+    assert flpl._weight_accum_chunk_rows(32000, torch.bfloat16) == 2048  # capped at the largest size measured
+
+
+def test_dw_accum_auto_resolution():
+    """``dw_accum="auto"``: the weight-dtype sum for half weights on CUDA (measured faster, error still half of
+    torch's bf16 path), fp32 everywhere else; explicit choices are kept; anything else is refused."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert flpl.resolve_dw_accum("auto", cuda, torch.bfloat16) == "weight"
+    assert flpl.resolve_dw_accum("auto", cuda, torch.float16) == "weight"
+    assert flpl.resolve_dw_accum("auto", cuda, torch.float32) == "fp32"
+    assert flpl.resolve_dw_accum("auto", cpu, torch.bfloat16) == "fp32"
+    assert flpl.resolve_dw_accum("fp32", cuda, torch.bfloat16) == "fp32"
+    assert flpl.resolve_dw_accum("weight", cpu, torch.float32) == "weight"
+    case = make_case(seed=92, V=50, H=8)
+    with pytest.raises(ValueError, match="dw_accum"):
+        fused_linear_policy_loss(case.hidden, case.weight, case.batch, PolicyLossConfig(), dw_accum="bf16")
 
 
 # ---------------------------------------------------------------------------------------------------------------
