@@ -727,11 +727,16 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                                "(retain_graph=True) is not supported")
         d_h, d_w = ctx.grads
         ctx.grads = None  # scaled in place below and handed over: no second copy of dW
-        g = grad_loss.detach()
-        if d_h is not None:
-            d_h = d_h.mul_(g.to(d_h.dtype)) if ctx.needs_input_grad[0] else None
-        if d_w is not None:
-            d_w = d_w.mul_(g.to(d_w.dtype)) if ctx.needs_input_grad[1] else None
+        d_h = d_h if ctx.needs_input_grad[0] else None
+        d_w = d_w if ctx.needs_input_grad[1] else None
+        # One multi-tensor multiply by the 0-dim fp32 upstream gradient, read on the device (no host sync). The
+        # product is formed in fp32 and rounded once: casting g to bf16 first would scale a loss divided by 3
+        # (gradient accumulation) by 0.33398. The foreach kernel also loads vectors, unlike ``mul_`` by a 0-dim
+        # CUDA tensor (a broadcast operand): 1.9 ms for dH + dW at V = 151936, H = 4096 on an H100 (measured
+        # before this change; its gain is not measured yet).
+        present = [t for t in (d_h, d_w) if t is not None]
+        if present:
+            torch._foreach_mul_(present, grad_loss.detach())
         return d_h, d_w, None
 
 

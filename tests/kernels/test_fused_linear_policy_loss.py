@@ -518,6 +518,25 @@ def test_dw_accum_in_weight_dtype():
     assert rel <= rel32 + 4 * 2.0**-9, (rel, rel32)
 
 
+def test_upstream_gradient_scales_half_gradients_in_fp32():
+    """``(loss / 3).backward()`` with bf16 inputs: the stored gradients are scaled by the fp32 upstream gradient
+    and rounded once — exactly ``bf16(g32 · dW)`` — not by ``bf16(1/3)`` (0.33398, a 0.2 % bias)."""
+    case = make_case(seed=52, dtype=torch.bfloat16)
+    config = PolicyLossConfig(**FULL)
+    grads = []
+    for scale in (None, torch.tensor(1.0 / 3.0)):
+        h = case.hidden.clone().requires_grad_(True)
+        w = case.weight.clone().requires_grad_(True)
+        loss, _ = fused_linear_policy_loss(h, w, case.batch, config)
+        (loss if scale is None else loss * scale).backward()
+        grads.append((h.grad, w.grad))
+    third = torch.tensor(1.0 / 3.0)
+    for once, scaled in zip(grads[0], grads[1]):
+        assert scaled.dtype == torch.bfloat16
+        assert torch.equal(scaled, (once.float() * third).bfloat16())
+        assert not torch.equal(scaled, (once.float() * third.bfloat16().float()).bfloat16())
+
+
 def test_matches_linear_logprob_composition(impl):
     """fp32: equal to ``cipo_policy_loss(linear_logprob(...))`` (the unfused chunked path) and its gradients."""
     case = make_case(seed=60)
