@@ -48,7 +48,11 @@ weight-dtype sum 48-49 ms (three GEMMs of ~13-15 ms, the epilogue 4.3 ms: two re
 write at ~2.9 TB/s, the final scaling by the incoming gradient 1.9 ms); vocab slabs 69 ms (five GEMM-sized
 passes); token chunks with an fp32 sum 71 ms at 1024 rows and 137 ms at 384 rows — ``torch.mm`` with an fp32
 output followed by ``add_`` re-reads and re-writes the fp32 ``V × H`` accumulator (20-54 ms of elementwise
-traffic), which is why the fp32 sum loses on GPU.
+traffic), which is why the fp32 sum loses on GPU. Changed since, not yet measured: the first chunk's GEMM writes
+``dW`` (no zero fill and no read of zeros, ~0.8 ms predicted) and the scaling is one vectorised multi-tensor
+multiply (~1 ms predicted). What remains above the matmul — the fp32 logits write, the epilogue's two reads of the
+tile, the ``beta = 1`` reads of ``dW`` — would need the statistics computed inside the logits GEMM (a fused
+GEMM + online-softmax kernel, as Cut Cross-Entropy does) to go further.
 
 Cost (``R`` loss rows, ``C`` rows per chunk, ``Vb`` columns per slab, ``b`` bytes per input element; the tile is
 ``plan_chunks``' budget: 256 MiB of fp32 on CUDA, 64 MiB on CPU, or ``chunk_tokens × V`` elements):
@@ -610,12 +614,13 @@ def _token_path(hidden: torch.Tensor, weight: torch.Tensor, k: _Consts, plan: Ch
         d_hidden = torch.empty(shape, dtype=hidden.dtype, device=device) if rows is None else \
             torch.zeros(shape, dtype=hidden.dtype, device=device)
     d_weight = d_weight_acc = None
-    single = len(bounds) == 1
+    # One chunk, or a sum in the weight dtype: the first chunk's GEMM writes dW (no zero fill, no read of zeros),
+    # later chunks add to it in place (beta = 1); an fp32 sum over several chunks needs the fp32 accumulator.
+    direct = len(bounds) == 1 or dw_accum == "weight"
+    dw_written = False
     if need_w:
-        if single:  # one GEMM writes dW: no accumulator at all
+        if direct:
             d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
-        elif dw_accum == "weight":
-            d_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
         else:
             d_weight_acc = torch.zeros(weight.shape, dtype=accum_dtype(weight.dtype), device=device)
     sums = torch.zeros(_NUM_COLS, dtype=torch.float64, device=device)
@@ -632,12 +637,15 @@ def _token_path(hidden: torch.Tensor, weight: torch.Tensor, k: _Consts, plan: Ch
             d_hidden.index_copy_(0, rows[r0:r1], torch.mm(dz, weight))
         if d_weight_acc is not None:
             addmm_acc_(d_weight_acc, dz.t(), h_c, plan.tile_elems)
-        elif d_weight is not None and single:
+        elif d_weight is not None and not dw_written:
             torch.mm(dz.t(), h_c, out=d_weight)
+            dw_written = True
         elif d_weight is not None:
-            d_weight.addmm_(dz.t(), h_c)  # accumulation in the weight dtype, by request
+            d_weight.addmm_(dz.t(), h_c)  # the sum in the weight dtype (dw_accum="weight")
     if d_weight_acc is not None:
         d_weight = d_weight_acc.to(weight.dtype)
+    elif d_weight is not None and not dw_written:  # no loss rows: no chunk ran
+        d_weight.zero_()
     return sums, d_hidden, d_weight
 
 

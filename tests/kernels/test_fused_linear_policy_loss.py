@@ -389,14 +389,15 @@ def test_nothing_in_the_loss(impl):
     case = make_case(spec, V=97, H=8, seed=41, rewards=[1.0, 0.0], temperature=1.0)
     config = PolicyLossConfig(kl_coef=0.1)
     want = reference(case, config)
-    for tiling in ("token", "vocab"):
-        got = run_fused(case, config, impl.device, tiling=tiling)
+    for tiling, dw_accum in (("token", "fp32"), ("token", "weight"), ("vocab", "fp32")):
+        got = run_fused(case, config, impl.device, tiling=tiling, dw_accum=dw_accum)
         assert got.loss == 0.0 and got.metrics == want.metrics
         assert (got.d_hidden == 0).all() and (got.d_weight == 0).all()
-    # an empty batch (T = 0)
+    # an empty batch (T = 0); with dw_accum="weight" no chunk runs, so dW must be zero-filled explicitly
     empty = Case(PackedBatch.from_sequences([]), torch.zeros(0, 8), torch.randn(97, 8), 1.0)
-    got = run_fused(empty, PolicyLossConfig(), impl.device)
-    assert got.loss == 0.0 and got.d_hidden.shape == (0, 8) and (got.d_weight == 0).all()
+    for dw_accum in ("fp32", "weight"):
+        got = run_fused(empty, PolicyLossConfig(), impl.device, dw_accum=dw_accum)
+        assert got.loss == 0.0 and got.d_hidden.shape == (0, 8) and (got.d_weight == 0).all()
 
 
 def test_no_correction_stream_equals_grpo(impl):
