@@ -985,8 +985,8 @@ def fused_linear_policy_loss(
             columns per vocab slab); None: 256 MiB of fp32 logits on CUDA, 64 MiB on CPU.
         base_normalizer, corr_normalizer: each stream's global token/sequence count for micro-batches.
         estimator: ``grpo``, ``drgrpo`` or ``rloo`` (only without ``advantages``).
-        tiling: ``"token"`` (6·THV, fp32 ``V × H`` accumulator), ``"vocab"`` (8·THV, fp32 ``T × H``
-            accumulator) or None (automatic, see :func:`_choose_tiling`).
+        tiling: ``"token"`` (6·THV; an fp32 ``V × H`` accumulator unless ``dW`` is summed in the weight dtype),
+            ``"vocab"`` (8·THV, fp32 ``T × H`` accumulator) or None (automatic, see :func:`_choose_tiling`).
         dw_accum: the dtype of the token tiling's cross-chunk ``dW`` sum: ``"fp32"``, ``"weight"`` (no extra
             ``V × H`` buffer; the running sum is rounded to the weight dtype once per chunk, as Liger's fused
             cross-entropy does) or ``"auto"`` (default): ``"weight"`` for half weights on CUDA, else ``"fp32"``
