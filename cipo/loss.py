@@ -35,6 +35,7 @@ class FlatInputs:
     ref_logp: Optional[torch.Tensor] = None
     rollout_logp: Optional[torch.Tensor] = None
     entropy: Optional[torch.Tensor] = None
+    is_weights: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -50,14 +51,14 @@ class StreamPart:
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 config: PolicyLossConfig, *, ref_logp: Optional[torch.Tensor] = None,
                 rollout_logp: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
-                cu_seqlens: Optional[torch.Tensor] = None, loss_normalizer: Optional[float] = None
-                ) -> tuple[torch.Tensor, dict[str, float]]:
+                cu_seqlens: Optional[torch.Tensor] = None, loss_normalizer: Optional[float] = None,
+                is_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped policy loss with clip-higher, dual-clip, truncated IS, KL and entropy (DESIGN §4).
 
     Layouts:
-        padded — ``logp, old_logp, mask [, ref_logp, rollout_logp, entropy]``: ``[B, L]``; ``advantages``
-        ``[B, L]`` or ``[B]``. packed — the same as ``[N]`` with ``cu_seqlens [S+1]``; ``advantages`` ``[N]``
-        or ``[S]``. ``[N]`` tensors without ``cu_seqlens`` are one sequence.
+        padded — ``logp, old_logp, mask [, ref_logp, rollout_logp, entropy, is_weights]``: ``[B, L]``;
+        ``advantages`` ``[B, L]`` or ``[B]``. packed — the same as ``[N]`` with ``cu_seqlens [S+1]``;
+        ``advantages`` ``[N]`` or ``[S]``. ``[N]`` tensors without ``cu_seqlens`` are one sequence.
 
     Args:
         logp: current policy log-probs of the taken tokens (gradient flows here and into ``entropy``).
@@ -71,6 +72,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         cu_seqlens: sequence boundaries of packed inputs.
         loss_normalizer: the global token count (token-mean) or sequence count (seq-mean-*) when this call
             sees only a part of the step (micro-batch, data-parallel rank).
+        is_weights: precomputed per-token importance weights (finite, ≥ 0; e.g. verl's ``rollout_is_weights``
+            or TRL's vLLM correction), multiplying each token's policy-gradient term as constants (no gradient),
+            after the truncated-IS weight of ``config.tis_mode`` when both are given.
 
     Returns:
         ``(loss, metrics)``: a 0-dim tensor (float32, float64 for float64 inputs) and floats ``pg_loss``,
@@ -78,7 +82,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         those inputs are given.
     """
     flat = flatten_inputs(logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
-                          entropy=entropy, cu_seqlens=cu_seqlens)
+                          entropy=entropy, cu_seqlens=cu_seqlens, is_weights=is_weights)
     parts = [StreamPart("all", flat.mask, 1.0, loss_normalizer)]
     loss, metrics = _loss_from_flat(flat, config, parts)
     del metrics["loss/all"]
@@ -155,7 +159,7 @@ def _loss_from_flat(flat: FlatInputs, config: PolicyLossConfig, parts: list[Stre
         clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high,
         clip_ratio_c=config.clip_ratio_c, kl_estimator=config.kl_estimator if flat.ref_logp is not None else None,
         tis_mode=config.tis_mode, tis_cap=config.tis_cap, ref_logp=flat.ref_logp,
-        rollout_logp=flat.rollout_logp, entropy=flat.entropy,
+        rollout_logp=flat.rollout_logp, entropy=flat.entropy, is_weights=flat.is_weights,
     )
 
     def agg(values: torch.Tensor, part: StreamPart) -> torch.Tensor:
@@ -216,8 +220,8 @@ def _describe(value: object) -> str:
 
 def flatten_inputs(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
                    ref_logp: Optional[torch.Tensor] = None, rollout_logp: Optional[torch.Tensor] = None,
-                   entropy: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None
-                   ) -> FlatInputs:
+                   entropy: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                   is_weights: Optional[torch.Tensor] = None) -> FlatInputs:
     """Validate a padded or packed call and reduce it to :class:`FlatInputs`; errors name the argument."""
     if not isinstance(logp, torch.Tensor) or not logp.is_floating_point():
         raise ValueError(f"logp must be a floating tensor; got {_describe(logp)}")
@@ -244,6 +248,8 @@ def flatten_inputs(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
     ref = token_tensor(ref_logp, "ref_logp", False)
     rollout = token_tensor(rollout_logp, "rollout_logp", False)
     ent = token_tensor(entropy, "entropy", False)
+    is_w = token_tensor(is_weights, "is_weights", False)
+    is_w = is_w.detach() if is_w is not None else None
     ref = ref.detach() if ref is not None else None
     rollout = rollout.detach() if rollout is not None else None
 
@@ -292,4 +298,4 @@ def flatten_inputs(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch
 
     return FlatInputs(logp=clean(logp.to(dtype).reshape(-1)), old_logp=clean(old), advantages=clean(adv),
                       mask=flat_mask, seq_index=seq_index, num_seqs=num_seqs, default_scale=default_scale,
-                      ref_logp=clean(ref), rollout_logp=clean(rollout), entropy=clean(ent))
+                      ref_logp=clean(ref), rollout_logp=clean(rollout), entropy=clean(ent), is_weights=clean(is_w))

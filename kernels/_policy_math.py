@@ -16,6 +16,7 @@ evaluated), per token, with ``Δ = logp − old``:
   ``exp(min(log_w, log C))`` (no overflow). Token mode: ``log_w = old − rollout`` on masked tokens (0 elsewhere),
   ``tis_in`` is the rollout log-prob. Sequence mode: ``tis_in`` *is* the per-token log-weight (the masked
   per-sequence sum of ``old − rollout``, computed by the caller in float64 and gathered back to tokens);
+* precomputed importance weights (``HAS_IS_W``): ``pg ← pg·is_w``, a constant for the gradient;
 * KL estimate of ``logp`` against ``ref`` (``KL_MODE`` 1 = k1, 2 = k2, 3 = k3, 4 = abs), ``diff = logp − ref``:
   k1 ``diff``; k2 ``½·diff²``; k3 ``clamp(eˣ − x − 1, ±K3_Y_CLAMP)`` with ``x = clamp(−diff, ±K3_X_CLAMP)``;
   abs ``|diff|``;
@@ -26,7 +27,8 @@ Returns ``(pg, kl, dl, neg_log_ratio, clipped, clipped_lower, tis_capped)``: ``p
 ``kl`` (0 when ``KL_MODE == 0``), ``dl``, ``−clamp(Δ, ±20)`` (the ``approx_kl`` metric term) and the metric flags
 ``clipped = −A·clip(ρ) > −A·ρ``, ``clipped_lower = A < 0 & Lc > −A·c`` (all False without dual clip, as in the
 reference), ``tis_capped = log_w > log C`` (all False without TIS). Unused inputs (``ref`` when ``KL_MODE == 0``,
-``tis_in`` when ``TIS_MODE == 0``) are never read: pass any tensor of the block's shape.
+``tis_in`` when ``TIS_MODE == 0``, ``is_w`` without ``HAS_IS_W``) are never read: pass any tensor of the block's
+shape.
 
 Conventions:
 
@@ -51,9 +53,9 @@ import triton.language as tl
 
 @triton.jit
 def policy_token_terms(
-    logp, old, adv, m, ref, tis_in, clip_low, clip_high, clip_c, log_cap, kl_coef,
+    logp, old, adv, m, ref, tis_in, is_w, clip_low, clip_high, clip_c, log_cap, kl_coef,
     DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr, KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr,
-    RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr,
+    HAS_IS_W: tl.constexpr, RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr,
 ):
     """Per-token terms of DESIGN §4 for a block of tokens (any shape), fp32, masked by ``m``; see the module
     docstring for the formulas, the outputs and the tie conventions."""
@@ -96,6 +98,9 @@ def policy_token_terms(
         w = tl.exp(tl.minimum(log_w, log_cap))
         pg = pg * w
         dpg = dpg * w
+    if HAS_IS_W:
+        pg = pg * is_w
+        dpg = dpg * is_w
 
     dl = dpg
     kl = tl.zeros_like(logp)

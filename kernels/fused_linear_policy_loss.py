@@ -243,8 +243,8 @@ if HAS_TRITON:
             if TIS_MODE != 0:
                 tis_in = tl.load(tis_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             pg, kl, dl, nlr, clipped, clipped_lower, tis_capped = policy_token_terms(
-                logp, old, adv, m_tok, ref, tis_in, clip_low, clip_high, clip_c, log_cap, kl_coef,
-                DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
+                logp, old, adv, m_tok, ref, tis_in, logp, clip_low, clip_high, clip_c, log_cap, kl_coef,
+                DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, False, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
             )
             ent_m = tl.where(m_tok, ent, 0.0)
             prow = partial_ptr + pid * NUM_COLS

@@ -9,7 +9,8 @@ Design — one elementwise pass, gradient finished in the forward:
 * Every aggregation mode is linear in the per-token values: ``agg_p(v) = Σ_t c_p[t]·v_t`` with ``c_p`` from
   :func:`.policy_loss_ref.token_coefficients` (part mask, part normaliser). torch computes ``c`` as ``[P, N]``
   (a few tiny segment sums); the Triton kernel does the rest in fp32, blocks of :data:`BLOCK` tokens:
-  ratio with its ±20 clamp, clipped / dual-clipped surrogate, truncated-IS weight, KL estimate, and the
+  ratio with its ±20 clamp, clipped / dual-clipped surrogate, truncated-IS and precomputed importance
+  weights, KL estimate, and the
   analytic derivative ``dℓ_t/dlogp_t`` of ``ℓ_t = pg_t·w_t + β·kl_t − γ·H_t`` (β, γ only where they are > 0,
   as in the reference). It stores ``dlogp_t = c_total[t] · dℓ_t/dlogp_t`` with ``c_total = Σ_p weight_p·c_p``,
   ``dH_t = −γ·c_total[t]``, and per block the partial sums ``Σ c_p·pg``, ``Σ c_p·kl``, ``Σ c_p·H`` for each
@@ -75,12 +76,13 @@ _NUM_METRIC_COLS = 5
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, tis_ptr, ent_ptr, coef_ptr, weight_ptr,
+    logp_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, tis_ptr, isw_ptr, ent_ptr, coef_ptr, weight_ptr,
     dlogp_ptr, dent_ptr, partial_ptr,
     n_tokens, clip_low, clip_high, clip_c, log_cap, kl_coef, ent_coef,
     NUM_PARTS: tl.constexpr, NUM_COLS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr,
-    KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr, HAS_ENT: tl.constexpr, ENT_IN_LOSS: tl.constexpr,
-    RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr, BLOCK: tl.constexpr,
+    KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr, HAS_IS_W: tl.constexpr, HAS_ENT: tl.constexpr,
+    ENT_IN_LOSS: tl.constexpr, RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per-token terms and derivatives of one block (math: :func:`._policy_math.policy_token_terms`); see the
     module docstring for the outputs."""
@@ -99,9 +101,12 @@ def _policy_loss_fwd_kernel(
     if TIS_MODE != 0:
         # Token TIS: the rollout log-prob; sequence TIS: the per-token log-weight.
         tis_in = tl.load(tis_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    is_w = logp
+    if HAS_IS_W:
+        is_w = tl.load(isw_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     pg, kl, dl, nlr, clipped, clipped_lower, tis_capped = policy_token_terms(
-        logp, old, adv, m, ref, tis_in, clip_low, clip_high, clip_c, log_cap, kl_coef,
-        DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
+        logp, old, adv, m, ref, tis_in, is_w, clip_low, clip_high, clip_c, log_cap, kl_coef,
+        DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, HAS_IS_W, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
     )
     if HAS_ENT:
         ent = tl.where(m, tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
@@ -139,6 +144,7 @@ class _Plan:
     mask: torch.Tensor           # [N] uint8 view of the bool mask
     ref_logp: Optional[torch.Tensor]   # [N] float, KL_MODE != 0
     tis_input: Optional[torch.Tensor]  # [N]: rollout_logp (token TIS) or the per-token sequence log-weight
+    is_weights: Optional[torch.Tensor]  # [N] float: precomputed importance weights
     coefs: torch.Tensor          # [P, N] float32 aggregation coefficients per part
     weights: torch.Tensor        # [P] float32 part weights
     part_weights: list[float]    # the same, as Python floats, for the float64 combination
@@ -173,12 +179,14 @@ def _launch(logp: torch.Tensor, entropy: Optional[torch.Tensor], plan: _Plan
         logp, plan.old_logp, plan.advantages, plan.mask,
         plan.ref_logp if plan.ref_logp is not None else dummy,
         plan.tis_input if plan.tis_input is not None else dummy,
+        plan.is_weights if plan.is_weights is not None else dummy,
         entropy if entropy is not None else dummy,
         plan.coefs, plan.weights, dlogp, dent if dent is not None else dlogp, partials,
         n, plan.clip_low, plan.clip_high, plan.clip_c if plan.clip_c is not None else 0.0, plan.log_cap,
         plan.kl_coef, plan.ent_coef,
         NUM_PARTS=num_parts, NUM_COLS=num_cols, DUAL_CLIP=plan.clip_c is not None, KL_MODE=plan.kl_mode,
-        KL_IN_LOSS=plan.kl_in_loss, TIS_MODE=plan.tis_mode, HAS_ENT=plan.has_ent, ENT_IN_LOSS=plan.ent_in_loss,
+        KL_IN_LOSS=plan.kl_in_loss, TIS_MODE=plan.tis_mode, HAS_IS_W=plan.is_weights is not None,
+        HAS_ENT=plan.has_ent, ENT_IN_LOSS=plan.ent_in_loss,
         RATIO_CLAMP=LOG_RATIO_CLAMP, K3_X_CLAMP=K3_LOG_RATIO_CLAMP, K3_Y_CLAMP=K3_CLAMP, BLOCK=BLOCK,
         num_warps=4,
     )
@@ -264,6 +272,7 @@ def policy_loss_triton(flat: "FlatInputs", config: "PolicyLossConfig", parts: li
         mask=flat.mask.contiguous().view(torch.uint8),
         ref_logp=flat.ref_logp.detach().contiguous() if kl_mode else None,
         tis_input=tis_input,
+        is_weights=flat.is_weights.detach().contiguous() if flat.is_weights is not None else None,
         coefs=coefs,
         weights=torch.tensor(part_weights, dtype=f32, device=device),
         part_weights=part_weights,

@@ -7,6 +7,7 @@ Inputs are in the *flat* form every layout reduces to: token tensors ``[N]``, th
 * ``Lc = max(−Aρ, −A·clip(ρ, 1−ε_low, 1+ε_high))``; dual-clip: ``L = min(Lc, −A·c)`` where ``A < 0``;
 * truncated IS: ``w = min(exp(Δ), C)`` with ``Δ = old − rollout`` per token, or its masked sum per sequence;
   computed as ``exp(min(Δ, log C))``, equal in exact arithmetic and free of overflow; ``L ← L·w``, w detached;
+* precomputed importance weights (``is_weights``, what verl and TRL hand over): ``L ← L·is_w``, detached;
 * KL to the reference (k1, k2, k3 = low_var_kl, abs) and the entropy bonus are aggregated like the loss.
 
 Masked-out tokens contribute exactly nothing, whatever their values (``where``, not multiplication, so a
@@ -63,11 +64,13 @@ def token_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 seq_index: torch.Tensor, num_seqs: int, *, clip_ratio_low: float, clip_ratio_high: float,
                 clip_ratio_c: Optional[float], kl_estimator: Optional[str], tis_mode: Optional[str],
                 tis_cap: float, ref_logp: Optional[torch.Tensor] = None,
-                rollout_logp: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None
-                ) -> TokenTerms:
+                rollout_logp: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
+                is_weights: Optional[torch.Tensor] = None) -> TokenTerms:
     """Per-token loss terms. All token tensors ``[N]`` in one floating dtype; ``mask`` bool ``[N]``.
 
-    ``kl_estimator`` None skips the KL term; ``tis_mode`` None skips importance weighting.
+    ``kl_estimator`` None skips the KL term; ``tis_mode`` None skips truncated importance sampling;
+    ``is_weights`` (precomputed importance weights, e.g. verl's ``rollout_is_weights``) multiply the policy
+    term as constants, after the TIS weight.
     """
     neg_kl = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = torch.exp(neg_kl)
@@ -92,6 +95,8 @@ def token_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         log_cap = math.log(tis_cap)
         tis_capped = log_w > log_cap
         pg = pg * torch.exp(torch.clamp(log_w, max=log_cap))
+    if is_weights is not None:
+        pg = pg * is_weights.detach()
 
     kl = kl_penalty(logp, ref_logp, kl_estimator) if kl_estimator is not None else None
     return TokenTerms(pg=pg, kl=kl, entropy=entropy, clipped=clipped, clipped_lower=clipped_lower,
@@ -104,7 +109,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor,
 
     Args:
         mode: ``token-mean``, ``token-sum``, ``seq-mean-token-sum``, ``seq-mean-token-mean`` or
-            ``seq-mean-token-sum-norm``.
+            ``seq-mean-token-sum-norm`` (``seq-mean-token-sum`` then ÷ ``scale_factor``, verl 0.9.1's
+            ``agg_loss``).
         scale_factor: the constant divisor of ``seq-mean-token-sum-norm``.
         normalizer: replaces the denominator of the mean modes — the global token count (``token-mean``) or
             global sequence count (``seq-mean-*``) when a step is split into micro-batches or ranks.
@@ -116,7 +122,8 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor,
     if mode == "token-sum":
         return masked.sum()
     if mode == "seq-mean-token-sum-norm":
-        return masked.sum() / scale_factor
+        return aggregate(values, mask, seq_index, num_seqs, "seq-mean-token-sum", scale_factor=scale_factor,
+                         normalizer=normalizer) / scale_factor
     if mode == "token-mean":
         denom = float(normalizer) if normalizer is not None else mask.sum()
         return masked.sum() / denom if normalizer is not None or bool(mask.any()) else masked.sum()
@@ -153,7 +160,8 @@ def token_coefficients(mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: in
     if mode == "token-sum":
         return m
     if mode == "seq-mean-token-sum-norm":
-        return m / scale_factor
+        return token_coefficients(mask, seq_index, num_seqs, "seq-mean-token-sum", scale_factor=scale_factor,
+                                  normalizer=normalizer, dtype=dtype) / scale_factor
     if mode == "token-mean":
         denom = float(normalizer) if normalizer is not None else m.sum().clamp(min=1)
         return m / denom

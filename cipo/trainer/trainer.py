@@ -645,7 +645,7 @@ def _stream_normalizers(batch: PackedBatch, mode: str) -> tuple[Optional[float],
     if mode == "token-mean":
         return (positive(float(batch.num_loss_tokens(BASE_STREAM))),
                 positive(float(batch.num_loss_tokens(CORRECTION_STREAM))))
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean"):
+    if mode in ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         counts = torch.zeros(batch.num_seqs, device=batch.device).index_add_(
             0, batch.seq_index(), batch.loss_mask.float())
         present = counts > 0

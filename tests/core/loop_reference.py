@@ -65,6 +65,7 @@ def policy_loss_loop(
     tis_mode: Optional[str] = None,
     tis_cap: float = 2.0,
     rollout: Optional[list[list[float]]] = None,
+    is_weights: Optional[list[list[float]]] = None,
 ) -> float:
     """Loss of ragged sequences (lists of per-token lists)."""
 
@@ -81,6 +82,8 @@ def policy_loss_loop(
         elif tis_mode == "sequence":
             total = sum(old[s][u] - rollout[s][u] for u in range(len(mask[s])) if mask[s][u])
             lc *= min(math.exp(total), tis_cap)
+        if is_weights is not None:
+            lc *= is_weights[s][t]
         return lc
 
     def aggregate(fn) -> float:
@@ -98,12 +101,12 @@ def policy_loss_loop(
             return sum(seq_sums) / n if n else 0.0
         if agg == "token-sum":
             return sum(seq_sums)
-        if agg == "seq-mean-token-sum-norm":
-            factor = scale_factor if scale_factor is not None else max(len(m) for m in mask)
-            return sum(seq_sums) / factor
         present = [s for s in range(len(mask)) if seq_counts[s] > 0]
         if not present:
             return 0.0
+        if agg == "seq-mean-token-sum-norm":  # verl 0.9.1: the seq-mean of token sums, then / the constant
+            factor = scale_factor if scale_factor is not None else max(len(m) for m in mask)
+            return sum(seq_sums[s] for s in present) / len(present) / factor
         if agg == "seq-mean-token-sum":
             return sum(seq_sums[s] for s in present) / len(present)
         if agg == "seq-mean-token-mean":

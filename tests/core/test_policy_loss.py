@@ -138,6 +138,24 @@ def test_sequence_tis_uses_summed_log_ratio():
     assert loss.item() == pytest.approx(-2 * math.exp(0.7), rel=1e-14)
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_precomputed_is_weights_match_loops(mode: str):
+    case = ragged_case(5)
+    gen = torch.Generator().manual_seed(9)
+    is_w = [[float(v) for v in 2.0 * torch.rand(n, generator=gen, dtype=torch.float64)] for n in case["lens"]]
+    expected = policy_loss_loop(case["logp"], case["old"], case["adv"], case["mask"], agg=mode, tis_mode="token",
+                                tis_cap=1.5, rollout=case["rollout"], is_weights=is_w)
+    flat_w = torch.tensor([v for row in is_w for v in row], dtype=torch.float64, requires_grad=True)
+    config = PolicyLossConfig(loss_agg_mode=mode, tis_mode="token", tis_cap=1.5)
+    logp = packed(case, "logp").requires_grad_()
+    loss, _ = policy_loss(logp, packed(case, "old"), torch.tensor(case["adv_seq"], dtype=torch.float64),
+                          packed(case, "mask").bool(), config, rollout_logp=packed(case, "rollout"),
+                          cu_seqlens=cu_seqlens(case), is_weights=flat_w)
+    assert loss.item() == pytest.approx(expected, **APPROX)
+    grad_logp, grad_w = torch.autograd.grad(loss, (logp, flat_w), allow_unused=True)
+    assert grad_w is None and bool((grad_logp != 0).any())  # the weights are constants
+
+
 def test_tis_weight_is_detached():
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     rollout = t([-0.7]).requires_grad_()
@@ -155,7 +173,7 @@ AGG_HAND = [
     ("token-sum", 15.0),
     ("seq-mean-token-sum", (6 + 9) / 2),
     ("seq-mean-token-mean", (2 + 4.5) / 2),
-    ("seq-mean-token-sum-norm", 15 / 3),
+    ("seq-mean-token-sum-norm", (6 + 9) / 2 / 3),  # verl 0.9.1: seq-mean of the sums / L
 ]
 
 
@@ -173,7 +191,8 @@ def test_seq_mean_skips_fully_masked_sequences():
     adv = -torch.tensor([[1.0, 2.0], [7.0, 7.0]], dtype=torch.float64)
     zeros = torch.zeros(2, 2, dtype=torch.float64)
     mask = torch.tensor([[1, 1], [0, 0]], dtype=torch.bool)
-    for mode, expected in [("seq-mean-token-sum", 3.0), ("seq-mean-token-mean", 1.5)]:
+    for mode, expected in [("seq-mean-token-sum", 3.0), ("seq-mean-token-mean", 1.5),
+                           ("seq-mean-token-sum-norm", 3.0 / 2)]:
         loss, _ = policy_loss(zeros, zeros, adv, mask, PolicyLossConfig(loss_agg_mode=mode))
         assert loss.item() == pytest.approx(expected, rel=1e-14)
 
@@ -187,6 +206,10 @@ def test_loss_scale_factor_and_normalizer():
     assert loss.item() == pytest.approx(0.5, rel=1e-14)
     loss, _ = policy_loss(zeros, zeros, adv, mask, PolicyLossConfig(), loss_normalizer=12)
     assert loss.item() == pytest.approx(0.5, rel=1e-14)
+    # seq-mean-token-sum-norm over a micro-batch: / the global sequence count, then / the constant
+    loss, _ = policy_loss(zeros, zeros, adv, mask, PolicyLossConfig(loss_agg_mode="seq-mean-token-sum-norm",
+                                                                     loss_scale_factor=2.0), loss_normalizer=3)
+    assert loss.item() == pytest.approx(1.0, rel=1e-14)
 
 
 def test_empty_mask_gives_zero_loss_with_graph():

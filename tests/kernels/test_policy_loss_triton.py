@@ -107,7 +107,7 @@ def run_policy_loss(monkeypatch, use_triton: bool, inputs: dict[str, torch.Tenso
         kwargs["cu_seqlens"] = kwargs["cu_seqlens"].to(device)
     loss, metrics = policy_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"],
                                 config, ref_logp=args.get("ref_logp"), rollout_logp=args.get("rollout_logp"),
-                                entropy=args.get("entropy"), **kwargs)
+                                entropy=args.get("entropy"), is_weights=args.get("is_weights"), **kwargs)
     assert loss.dtype == dtype and loss.dim() == 0
     loss.backward()
     monkeypatch.delenv("CIPO_FORCE_TRITON", raising=False)
@@ -123,13 +123,14 @@ def magnitude(inputs: dict[str, torch.Tensor], config: PolicyLossConfig, parts: 
     """
     d = {k: (v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
     flat = flatten_inputs(d["logp"], d["old_logp"], d["advantages"], d["mask"], ref_logp=d.get("ref_logp"),
-                          rollout_logp=d.get("rollout_logp"), entropy=d.get("entropy"), cu_seqlens=cu_seqlens)
+                          rollout_logp=d.get("rollout_logp"), entropy=d.get("entropy"), cu_seqlens=cu_seqlens,
+                          is_weights=d.get("is_weights"))
     terms = token_terms(flat.logp, flat.old_logp, flat.advantages, flat.mask, flat.seq_index, flat.num_seqs,
                         clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high,
                         clip_ratio_c=config.clip_ratio_c,
                         kl_estimator=config.kl_estimator if flat.ref_logp is not None else None,
                         tis_mode=config.tis_mode, tis_cap=config.tis_cap, ref_logp=flat.ref_logp,
-                        rollout_logp=flat.rollout_logp, entropy=flat.entropy)
+                        rollout_logp=flat.rollout_logp, entropy=flat.entropy, is_weights=flat.is_weights)
     absolute = terms.pg.abs()
     if terms.kl is not None:
         absolute = absolute + terms.kl.abs()
@@ -232,6 +233,20 @@ def test_truncated_importance_sampling(monkeypatch, tis_mode):
     cap = 1.3 if tis_mode == "token" else 2.0
     got, want = compare_policy_loss(monkeypatch, inputs, PolicyLossConfig(tis_mode=tis_mode, tis_cap=cap))
     assert 0.0 < want.metrics["tis_clipfrac"] < 1.0
+
+
+@pytest.mark.parametrize("mode,normalizer", [("token-mean", None), ("seq-mean-token-sum-norm", None),
+                                             ("seq-mean-token-sum-norm", 9.0), ("seq-mean-token-mean", 13.0)])
+def test_precomputed_importance_weights(monkeypatch, mode, normalizer):
+    # verl's rollout_is_weights / TRL's IS correction, on top of token TIS; random weights in [0, 3).
+    inputs = make_inputs((5, 37), seed=21)
+    inputs["is_weights"] = 3.0 * torch.rand((5, 37), generator=torch.Generator().manual_seed(4))
+    config = PolicyLossConfig(loss_agg_mode=mode, loss_scale_factor=40.0, **FULL)
+    got, want = compare_policy_loss(monkeypatch, inputs, config, loss_normalizer=normalizer)
+    # The weights must change the loss, or the comparison proves nothing about them.
+    unweighted = run_policy_loss(monkeypatch, False, {k: v for k, v in inputs.items() if k != "is_weights"},
+                                 config, loss_normalizer=normalizer)
+    assert abs(unweighted.loss.item() - want.loss.item()) > 1e-3 * abs(want.loss.item())
 
 
 def test_entropy_bonus_gradient(monkeypatch):
