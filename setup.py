@@ -36,6 +36,16 @@ setup(
         "parquet": ["pyarrow>=14"],
         # baselines of bench/ (pure-Python; install with --no-deps to keep torch as it is)
         "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1"],
+        # the trainers cipo plugs into (cipo.integrations); each in its own environment: they conflict with each
+        # other and with the [cpu] extra (scripts/integration_env.sh builds the tested ones)
+        "verl": ["verl==0.9.1"],
+        "trl": ["trl>=1.16,<1.17"],
     },
-    entry_points={"console_scripts": ["cipo=cipo.cli:main"]},
+    entry_points={
+        "console_scripts": ["cipo=cipo.cli:main"],
+        # verl >= 0.9 imports every entry point of this group when verl itself is imported (VERL_USE_EXTERNAL_PLUGINS
+        # controls it): registers the "cipo" policy loss and fused backend (docs/integrations/verl.md). Inert
+        # without verl.
+        "verl.plugins": ["cipo = cipo.integrations.verl"],
+    },
 )
