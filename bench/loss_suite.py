@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 os.environ.setdefault("CIPO_FORCE_TRITON", "0")  # CPU tensors take the torch path, never the interpreter
 
 import torch  # noqa: E402
+from cipo.kernels.linear_logprob_ref import linear_logprob_reference  # noqa: E402
 
 from bench._common import (  # noqa: E402
     Deadline,
@@ -103,31 +104,28 @@ LABELS = {
 MATERIALISING = {"naive", "compile", "matmul"}
 
 
-def _token_variant(method: str) -> Optional[tuple[int, str, bool]]:
-    """``(chunk_tokens, dw_accum, half_tiles)`` of a ``fused_token_c<C>[_wacc][_hz]`` method name, else None
-    (``_wacc``: ``dw_accum="weight"``; ``_hz``: logits tiles in the input dtype, the kernel's study knob)."""
+def _token_variant(method: str) -> Optional[tuple[int, str]]:
+    """``(chunk_tokens, dw_accum)`` of a ``fused_token_c<C>[_wacc]`` method name, else None (``_wacc``:
+    ``dw_accum="weight"``)."""
     if not method.startswith("fused_token_c"):
         return None
     parts = method[len("fused_token_c"):].split("_")
-    return int(parts[0]), ("weight" if "wacc" in parts else "fp32"), "hz" in parts
+    return int(parts[0]), ("weight" if "wacc" in parts else "fp32")
 
 
 def label(method: str) -> str:
     variant = _token_variant(method)
     if variant is None:
         return LABELS[method]
-    chunk, acc, half = variant
-    return (f"cipo fused, token chunks of {chunk}, dW sum in {'the weight dtype' if acc == 'weight' else 'fp32'}"
-            + (", half logits tiles" if half else ""))
+    chunk, acc = variant
+    return f"cipo fused, token chunks of {chunk}, dW sum in {'the weight dtype' if acc == 'weight' else 'fp32'}"
 
 
 def semantics(method: str) -> str:
     variant = _token_variant(method)
     if variant is None:
         return SEMANTICS[method]
-    notes = (["dW summed over chunks in the weight dtype"] if variant[1] == "weight" else []) + (
-        ["logits rounded to the input dtype, as torch's bf16 path"] if variant[2] else [])
-    return "ours" + (f" ({'; '.join(notes)})" if notes else "")
+    return "ours (dW summed over chunks in the weight dtype)" if variant[1] == "weight" else "ours"
 
 
 # ----------------------------------------------------------------------------------------------- workload
@@ -221,10 +219,10 @@ def _chunked_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 
 def naive_logp(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """verl's default path: logits in the input dtype, upcast to (at least) fp32, log-softmax, gather."""
-    logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32)) / CONFIG.temperature
-    picked = torch.log_softmax(logits, dim=-1).gather(1, targets.clamp(min=0)[:, None])[:, 0]
-    return torch.where(targets != -100, picked, 0.0)
+    """verl's default path: logits in the input dtype, upcast to (at least) fp32, log-softmax, gather — the kernels'
+    materialised reference."""
+    return linear_logprob_reference(hidden, weight, targets, CONFIG.temperature,
+                                    logits_dtype=torch.promote_types(hidden.dtype, torch.float32))
 
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
@@ -263,25 +261,20 @@ def build(method: str, wl: Workload) -> StepFn:
         fn = _compiled_naive()
         return via_logp(lambda: fn(h, w, b.targets))
     if method == "linear_logprob":
-        from cipo.kernels.linear_logprob import linear_logprob
+        from cipo import linear_logprob
 
         return via_logp(lambda: linear_logprob(h, w, b.targets, CONFIG.temperature))
     if method in ("fused", "fused_token", "fused_vocab", "fused_fp32") or _token_variant(method) is not None:
-        import cipo.kernels.fused_linear_policy_loss as flpl
+        from cipo import fused_linear_policy_loss
 
         variant = _token_variant(method)
         tiling = {"fused": None, "fused_token": "token", "fused_vocab": "vocab"}.get(method, "token")
-        chunk_tokens, dw_accum, half_tiles = variant if variant is not None else (
-            None, "fp32" if method == "fused_fp32" else "auto", False)
+        chunk_tokens, dw_accum = variant if variant is not None else (
+            None, "fp32" if method == "fused_fp32" else "auto")
 
         def fused_step() -> dict[str, Optional[torch.Tensor]]:
-            flpl._HALF_TILES_FOR_STUDY = half_tiles
-            try:
-                loss, _ = flpl.fused_linear_policy_loss(h, w, b, CONFIG, lambda_corr=LAMBDA_CORR,
-                                                        advantages=wl.advantages, tiling=tiling,
-                                                        chunk_tokens=chunk_tokens, dw_accum=dw_accum)
-            finally:
-                flpl._HALF_TILES_FOR_STUDY = False
+            loss, _ = fused_linear_policy_loss(h, w, b, CONFIG, lambda_corr=LAMBDA_CORR, advantages=wl.advantages,
+                                               tiling=tiling, chunk_tokens=chunk_tokens, dw_accum=dw_accum)
             loss.backward()
             return {"loss": loss.detach(), "logp": None}
 
@@ -505,8 +498,7 @@ def error_check(shape: Shape, device: torch.device, deadline: Deadline) -> dict[
     if shape.dtype != "float64":
         # torch's own low-precision path for the log-prob alone (no timing): log-softmax in the input dtype.
         with torch.no_grad():
-            lp = torch.log_softmax(wl.hidden @ wl.weight.t(), dim=-1).gather(
-                1, wl.batch.targets.clamp(min=0)[:, None])[:, 0]
+            lp = linear_logprob_reference(wl.hidden, wl.weight, wl.batch.targets, CONFIG.temperature)
         err = (lp.double() - refs["cipo"]["logp"]).abs()[m]
         out["rows"].append({"method": "torch_lowp_logsoftmax", "label": f"torch log_softmax in {shape.dtype}",
                             "semantics": "log-prob only", "status": "ok", "logp_max_abs": float(err.max()),
@@ -549,6 +541,68 @@ def error_check(shape: Shape, device: torch.device, deadline: Deadline) -> dict[
     return out
 
 
+# ----------------------------------------------------------------------------------------------- small kernels
+
+
+def small_kernels(device: torch.device, deadline: Deadline, quick: bool) -> dict[str, Any]:
+    """The two kernels without an LM head, each timed as the product calls it and next to its torch reference:
+    ``policy_loss`` (the CIPO loss from per-token log-probs, forward + backward; Triton on CUDA, the torch reference
+    on CPU, so the two rows are the same path there) and ``group_advantage`` (GRPO advantages of the step's
+    rewards)."""
+    from cipo.kernels.group_advantage_ref import group_advantages_reference
+
+    from cipo.advantages import dense_group_index
+    from cipo.loss import StreamPart, flatten_inputs, loss_reference
+    from cipo.packing import BASE_STREAM, CORRECTION_STREAM
+
+    tokens, seqs = (8192, 1024) if quick else (65536, 8192)
+    wl = make_workload(Shape(tokens, 16, 64, seq_len=tokens // seqs * 1), device, seed=2)
+    logp = wl.batch.old_logp.clone().requires_grad_(True)
+
+    def loss_step() -> None:
+        logp.grad = None
+        loss, _ = cipo_policy_loss(logp, wl.batch, CONFIG, lambda_corr=LAMBDA_CORR, advantages=wl.advantages)
+        loss.backward()
+
+    def loss_reference_step() -> None:  # the same call, its torch path forced (what CPU tensors take anyway)
+        logp.grad = None
+        b = wl.batch
+        flat = flatten_inputs(logp, b.old_logp, wl.advantages, b.loss_mask, rollout_logp=b.rollout_logp,
+                              cu_seqlens=b.cu_seqlens)
+        stream = b.stream[flat.seq_index]
+        parts = [StreamPart("base", flat.mask & (stream == BASE_STREAM), 1.0),
+                 StreamPart("corr", flat.mask & (stream == CORRECTION_STREAM), LAMBDA_CORR)]
+        loss, _ = loss_reference(flat, CONFIG, parts, flat.default_scale)
+        loss.backward()
+
+    rewards = wl.batch.reward
+    group_index, num_groups = dense_group_index(wl.batch.group_id)
+    calls = {
+        "policy_loss": (f"cipo_policy_loss fwd+bwd from logp, T={tokens}", loss_step),
+        "policy_loss_ref": (f"its torch reference path (cipo.loss.loss_reference), T={tokens}", loss_reference_step),
+        "group_advantage": (f"group_advantages, S={seqs} in groups of 4",
+                            lambda: group_advantages(rewards, wl.batch.group_id)),
+        "group_advantage_ref": (f"group_advantages_reference (torch), S={seqs}",
+                                lambda: group_advantages_reference(rewards, group_index, num_groups, "grpo", 1e-6)),
+    }
+    rows = []
+    for name, (what, fn) in calls.items():
+        row: dict[str, Any] = {"kernel": name, "what": what}
+        if not deadline.allows(2.0):
+            row["status"] = "skipped: section time budget spent"
+            rows.append(row)
+            continue
+        timed(fn, device)  # warm-up: compilation, first-call allocations
+        timer = Timer()
+        for _ in range(3 if quick else 10):
+            timer.run(fn, device)
+        row.update(timer.summary())
+        row["status"] = "ok"
+        rows.append(row)
+        log(f"[small]   {name:<20} {row['median_s'] * 1e3:9.3f} ms")
+    return {"rows": rows}
+
+
 # ----------------------------------------------------------------------------------------------- plans
 
 
@@ -565,8 +619,7 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
             # warm-up (first calls pay page faults and library start-up: +75 % measured), profiled run, one timed run
             s = Shape(1024, 256, 32000, methods=CPU_METHODS, repeats=1, warmup=True, tag="quick")
             return [s], s
-        # Sized for ~13 min on 2 shared cores (Liger's chunked loop is the slowest row); bench_fused_loss.py
-        # compares the fused loss's two tilings at the target shape.
+        # Sized for ~13 min on 2 shared cores (Liger's chunked loop is the slowest row).
         target = Shape(8192, 256, 32000, methods=CPU_METHODS, repeats=3, warmup=False, tag="cpu-target")
         sweep = [Shape(T, 256, V, methods=CPU_METHODS, repeats=2, warmup=False, tag="sweep")
                  for V, T in ((32000, 1024), (32000, 4096), (151936, 1024))]
@@ -582,10 +635,10 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
             return shapes, Shape(2048, 4096, 151936, "bfloat16", seq_len=256, methods=issue3, tag="error")
         if part == "tiling":
             # Token chunks (6·THV, fp32 or weight-dtype dW sum, two chunk sizes) vs vocab slabs (8·THV) at the
-            # issue's shapes: the numbers behind the automatic rule (fused_linear_policy_loss._choose_tiling).
+            # issue's shapes: the numbers behind the automatic rule (_choose_tiling in
+            # kernels/fused_linear_policy_loss.py).
             variants = ("matmul", "fused_vocab", "fused_token_c384", "fused_token_c1024", "fused_token_c384_wacc",
-                        "fused_token_c1024_wacc", "fused_token_c2048_wacc", "fused_token_c1024_wacc_hz",
-                        "fused_token_c2048_wacc_hz")
+                        "fused_token_c1024_wacc", "fused_token_c2048_wacc")
             shapes = [Shape(T, H, 151936, "bfloat16", seq_len=1024, methods=variants, repeats=3, tag="tiling")
                       for T, H in ((8192, 4096),) + (() if quick else ((8192, 2560), (32768, 4096)))]
             shapes[0].profile = variants  # where each variant's time goes, kernel by kernel
@@ -635,6 +688,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             write_json(args.out, result)
     if err_shape is not None and result["error"] is None:
         result["error"] = error_check(strip(err_shape), device, deadline)
+    if args.part == "targets":
+        result["small_kernels"] = small_kernels(device, deadline, args.quick)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["env"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(args.out, result)

@@ -174,6 +174,8 @@ def trainer_table(tr: dict[str, Any], gpu: bool) -> list[str]:
 
 
 def verifier_table(v: dict[str, Any]) -> list[str]:
+    if "sizes" not in v:  # killed before it wrote anything: the section's status says so
+        return []
     lines = [f"Sizes: {v['sizes']['math']} math answers, {v['sizes']['code']} programs; sandbox: {v.get('sandbox')}; "
              f"sanity {'ok' if v.get('sanity_ok') else 'FAILED'}; load average {v.get('load_avg')}.", "",
              "| verifier | workers | items | seconds | verifications/s | worker CPU ms/item |",
@@ -182,6 +184,16 @@ def verifier_table(v: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['verifier']} | {r['workers']} | {r['n']} | {r['seconds']} | {r['per_s']} | "
                      f"{r['worker_cpu_ms_per_item']} |")
     return lines + ["", v.get("note", ""), ""]
+
+
+def small_kernel_table(small: dict[str, Any], gpu: bool) -> list[str]:
+    lines = ["### Kernels without an LM head", "", "| kernel | what | median | spread |", "|---|---|---:|---|"]
+    for r in small["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['kernel']} | {r['what']} | {r.get('status')} | |")
+            continue
+        lines.append(f"| {r['kernel']} | {r['what']} | {_fmt_time(r['median_s'], gpu)} | {_spread(r, gpu)} |")
+    return lines + [""]
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -216,6 +228,8 @@ def markdown(data: dict[str, Any]) -> str:
                 lines += loss_table(s, gpu)
             if sec.get("error"):
                 lines += error_table(sec["error"])
+            if sec.get("small_kernels"):
+                lines += small_kernel_table(sec["small_kernels"], gpu)
         elif key == "trainer":
             lines += ["## Trainer: one policy update (packed forward + loss + backward)", ""] + trainer_table(sec, gpu)
         elif key == "verifiers":

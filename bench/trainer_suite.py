@@ -98,7 +98,7 @@ def make_step(model: torch.nn.Module, batch: PackedBatch, fused: bool):
     def step() -> None:
         hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids)
         if fused:
-            from cipo.kernels.fused_linear_policy_loss import fused_linear_policy_loss
+            from cipo import fused_linear_policy_loss
 
             loss, _ = fused_linear_policy_loss(hidden, weight, batch, LOSS_CONFIG, lambda_corr=1.0, advantages=adv)
         else:

@@ -29,7 +29,7 @@ _LAZY = {
     "PackedBatch": "cipo.packing",
     "SequenceSample": "cipo.packing",
     "linear_logprob": "cipo.kernels.linear_logprob",
-    "fused_linear_policy_loss": "cipo.kernels.fused_linear_policy_loss",
+    "fused_linear_policy_loss": "cipo.fused_loss",
 }
 
 

@@ -17,6 +17,7 @@ import torch
 from .advantages import group_advantages
 from .config import PolicyLossConfig
 from .kernels._dispatch import use_triton
+from .kernels._loss_plan import LossPlan, metrics_to_floats
 from .kernels.policy_loss_ref import aggregate, masked_mean, token_terms
 from .packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
 
@@ -152,8 +153,19 @@ def _loss_from_flat(flat: FlatInputs, config: PolicyLossConfig, parts: list[Stre
     if flat.logp.dtype != torch.float64 and use_triton(flat.logp):
         from .kernels.policy_loss import policy_loss_triton
 
-        return policy_loss_triton(flat, config, parts, scale_factor=scale)
+        plan = loss_plan(config, parts, scale, has_ref=flat.ref_logp is not None, has_entropy=flat.entropy is not None)
+        loss, sums = policy_loss_triton(flat.logp, flat.old_logp, flat.advantages, flat.mask, flat.seq_index,
+                                        flat.num_seqs, [part.mask for part in parts], plan, ref_logp=flat.ref_logp,
+                                        rollout_logp=flat.rollout_logp, entropy=flat.entropy,
+                                        is_weights=flat.is_weights)
+        return loss, plan.metrics(sums)
+    return loss_reference(flat, config, parts, scale)
 
+
+def loss_reference(flat: FlatInputs, config: PolicyLossConfig, parts: list[StreamPart], scale: float
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The torch path of :func:`_loss_from_flat` (the reference the kernel is tested against; the CPU path):
+    per-token terms of :func:`~cipo.kernels.policy_loss_ref.token_terms`, each part aggregated, autograd backward."""
     terms = token_terms(
         flat.logp, flat.old_logp, flat.advantages, flat.mask, flat.seq_index, flat.num_seqs,
         clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high,
@@ -203,13 +215,18 @@ def _loss_from_flat(flat: FlatInputs, config: PolicyLossConfig, parts: list[Stre
     return loss, metrics_to_floats(named)
 
 
-def metrics_to_floats(named: dict[str, torch.Tensor]) -> dict[str, float]:
-    """One device sync for all metrics."""
-    keys = list(named)
-    if not keys:
-        return {}
-    values = torch.stack([named[k].detach().to(torch.float64) for k in keys]).tolist()
-    return dict(zip(keys, values))
+def loss_plan(config: PolicyLossConfig, parts: list[StreamPart], scale_factor: float, *, has_ref: bool,
+              has_entropy: bool) -> LossPlan:
+    """The kernels' view of one loss call: the config's knobs, the stream parts, which optional inputs exist."""
+    return LossPlan(
+        part_names=tuple(part.name for part in parts), part_weights=tuple(float(part.weight) for part in parts),
+        part_normalizers=tuple(part.normalizer for part in parts), loss_agg_mode=config.loss_agg_mode,
+        scale_factor=float(scale_factor), clip_ratio_low=float(config.clip_ratio_low),
+        clip_ratio_high=float(config.clip_ratio_high), clip_ratio_c=config.clip_ratio_c,
+        kl_estimator=config.kl_estimator if has_ref else None, kl_coef=float(config.kl_coef),
+        entropy_coef=float(config.entropy_coef), has_entropy=has_entropy, tis_mode=config.tis_mode,
+        tis_cap=float(config.tis_cap), temperature=float(config.temperature),
+    )
 
 
 def _describe(value: object) -> str:

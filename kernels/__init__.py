@@ -1,1 +1,1 @@
-"""cipo.kernels — Triton kernels, each beside its plain-torch reference (the CPU path)."""
+"""cipo.kernels — Triton kernels, each beside its torch reference; imports only torch, triton and itself."""

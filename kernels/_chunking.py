@@ -1,6 +1,6 @@
 """Tile drivers for LM-head losses that never hold the full ``[T, V]`` logits.
 
-Shared by ``linear_logprob`` and (later) the fused linear policy loss. A *tile* of logits ``z = h @ W.T`` is
+Shared by ``linear_logprob`` and the fused linear policy loss. A *tile* of logits ``z = h @ W.T`` is
 produced by one GEMM into a reusable scratch buffer, handed to an *epilogue* (Triton or torch, interchangeable)
 that reduces it and/or overwrites it in place with ``dL/dz``, and then, when gradients are wanted, fed to the
 two gradient GEMMs. Two tilings:
@@ -8,7 +8,9 @@ two gradient GEMMs. Two tilings:
 * **token chunks** (``token_chunk_pass``): rows ``r0:r1`` of ``hidden`` × all of ``W`` → tile ``[C, V]``. Every
   row of the tile is complete, so one epilogue can compute row statistics *and* finish a per-token loss and its
   gradient in a single pass (the fused policy loss). Gradients: ``dH[r0:r1] = dZ @ W`` is final,
-  ``dW += dZᵀ @ h_c`` is accumulated over chunks (fp32 accumulator ``V × H``: 2.5 GiB at V=151936, H=4096).
+  ``dW += dZᵀ @ h_c`` is accumulated over chunks (fp32 accumulator ``V × H``: 2.5 GiB at V=151936, H=4096; none
+  for one chunk or a sum in the weight dtype). Chunks may also follow sequence boundaries (``chunk_bounds``) and
+  cover gathered rows of a larger input (the fused loss's loss rows).
 * **vocab slabs** (``vocab_slab_pass``): all rows × columns ``v0:v1`` of ``W`` → tile ``[T, Vb]``. Rows are
   partial: the epilogue merges online statistics across slabs, or computes ``dL/dz`` from statistics known
   beforehand. Gradients: ``dW[v0:v1] = dZᵀ @ h`` is final (one GEMM with ``K = T``, fp32 accumulation inside the
@@ -38,7 +40,7 @@ never below 1 and never beyond ``T`` / ``V``. ``chunk_tokens`` overrides it: the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -46,8 +48,9 @@ import torch
 TILE_BYTES = {"cuda": 256 * 2**20, "cpu": 64 * 2**20}
 
 #: ``epilogue(z, rows, cols)``: ``z`` is the logits tile ``hidden[rows] @ weight[cols].T`` ``[len(rows), len(cols)]``.
-#: Gradient passes expect it to overwrite ``z`` in place with ``dL/dz`` (same shape and dtype).
-TileEpilogue = Callable[[torch.Tensor, slice, slice], None]
+#: Gradient passes expect it to overwrite ``z`` in place with ``dL/dz`` (same shape and dtype); a token-chunk
+#: epilogue may instead return ``dL/dz`` written elsewhere (None: it is in ``z``).
+TileEpilogue = Callable[[torch.Tensor, slice, slice], Optional[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -188,6 +191,24 @@ def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, max_temp_ele
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def chunk_bounds(n_tokens: int, chunk_rows: int, seq_index: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """Row ranges of token chunks: fixed ``chunk_rows``, or — given ``seq_index [T]`` (non-decreasing) — greedy runs
+    of whole sequences, a sequence longer than ``chunk_rows`` getting a chunk of its own."""
+    if seq_index is None:
+        return [(r0, min(r0 + chunk_rows, n_tokens)) for r0 in range(0, n_tokens, chunk_rows)]
+    _, counts = torch.unique_consecutive(seq_index, return_counts=True)
+    bounds: list[tuple[int, int]] = []
+    start = end = 0
+    for length in counts.tolist():
+        if end > start and end + length - start > chunk_rows:
+            bounds.append((start, end))
+            start = end
+        end += length
+    if end > start:
+        bounds.append((start, end))
+    return bounds
+
+
 def token_chunk_pass(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -196,42 +217,74 @@ def token_chunk_pass(
     *,
     grad_hidden: bool = False,
     grad_weight: bool = False,
+    bounds: list[tuple[int, int]] | None = None,
+    dw_accum: str = "fp32",
+    out_rows: torch.Tensor | None = None,
+    n_out_rows: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Walk ``hidden`` in chunks of ``plan.chunk_tokens`` rows; each tile is ``[C, V]`` (complete rows).
+    """Walk ``hidden`` in chunks of rows; each tile is ``[C, V]`` (complete rows).
 
     Args:
         hidden: ``[T, H]`` fp32/fp16/bf16/fp64.  weight: ``[V, H]``, same dtype.
         plan: tile sizes (``plan.chunk_tokens`` rows per chunk, ``plan.tile_elems`` scratch elements).
-        epilogue: called as ``epilogue(z, slice(r0, r1), slice(0, V))``; with any ``grad_*`` it must leave
-            ``dL/dz`` in ``z``.
+        epilogue: called as ``epilogue(z, slice(r0, r1), slice(0, V))``; with any ``grad_*`` it leaves ``dL/dz`` in
+            ``z`` or returns it (a ``[C, V]`` tensor, e.g. written straight into a weight-dtype GEMM operand).
         grad_hidden, grad_weight: which gradients to form from the ``dZ`` tiles.
+        bounds: the chunks' row ranges (:func:`chunk_bounds`); default: ``plan.chunk_tokens`` rows each.
+        dw_accum: the cross-chunk ``dW`` sum: ``"fp32"`` (in the accumulation dtype, an extra ``V × H`` buffer
+            when there is more than one chunk) or ``"weight"`` (in the weight dtype, in place: no buffer).
+        out_rows, n_out_rows: ``hidden``'s rows are rows ``out_rows [T]`` of an ``[n_out_rows, H]`` input (the loss
+            rows gathered from it): ``dH`` is that input's gradient, 0 on the other rows.
     Returns:
-        ``(dH [T, H] in hidden.dtype | None, dW [V, H] in weight.dtype | None)``; ``dW`` is accumulated over
-        chunks in the accumulation dtype and cast once at the end.
+        ``(dH in hidden.dtype | None, dW [V, H] in weight.dtype | None)``. The first chunk's GEMM writes ``dW``
+        when there is no separate accumulator (no zero fill, no read of zeros); later chunks add to it.
     """
-    n_tokens = hidden.shape[0]
+    n_tokens, n_hidden = hidden.shape
     n_vocab = weight.shape[0]
-    ldt = logits_dtype(hidden.dtype, hidden.device)
-    acc_dt = accum_dtype(hidden.dtype)
+    device = hidden.device
+    bounds = chunk_bounds(n_tokens, plan.chunk_tokens) if bounds is None else bounds
+    max_rows = max((r1 - r0 for r0, r1 in bounds), default=0)
     need_grads = grad_hidden or grad_weight
-    zbuf = torch.empty(min(plan.tile_elems, plan.chunk_tokens * n_vocab), dtype=ldt, device=hidden.device)
-    obuf = torch.empty_like(zbuf, dtype=weight.dtype) if need_grads and ldt != weight.dtype else None
-    # contiguous whatever hidden's strides (empty_like would copy them): row slices below are GEMM outputs
-    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if grad_hidden else None
-    d_weight_acc = torch.zeros(weight.shape, dtype=acc_dt, device=weight.device) if grad_weight else None
-    for r0 in range(0, n_tokens, plan.chunk_tokens):
-        r1 = min(r0 + plan.chunk_tokens, n_tokens)
+    zbuf = torch.empty(max_rows * n_vocab, dtype=logits_dtype(hidden.dtype, device), device=device)
+    obuf: torch.Tensor | None = None  # the weight-dtype GEMM operand, when an epilogue leaves dL/dz in a wider tile
+    d_hidden = None
+    if grad_hidden:
+        # contiguous whatever hidden's strides (empty_like would copy them): row slices below are GEMM outputs
+        d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if out_rows is None else \
+            torch.zeros((n_out_rows, n_hidden), dtype=hidden.dtype, device=device)
+    d_weight = d_weight_acc = None
+    direct = len(bounds) == 1 or dw_accum == "weight"
+    if grad_weight:
+        if direct:
+            d_weight = torch.empty(weight.shape, dtype=weight.dtype, device=device)
+        else:
+            d_weight_acc = torch.zeros(weight.shape, dtype=accum_dtype(weight.dtype), device=device)
+    dw_written = False
+    for r0, r1 in bounds:
         h_c = hidden[r0:r1]
         z = logits_tile(h_c, weight, zbuf)
-        epilogue(z, slice(r0, r1), slice(0, n_vocab))
+        dz = epilogue(z, slice(r0, r1), slice(0, n_vocab))
         if not need_grads:
             continue
-        dz = gemm_operand(z, weight.dtype, obuf)
-        if d_hidden is not None:
+        dz = z if dz is None else dz
+        if dz.dtype != weight.dtype and obuf is None:
+            obuf = torch.empty(zbuf.numel(), dtype=weight.dtype, device=device)
+        dz = gemm_operand(dz, weight.dtype, obuf)
+        if d_hidden is not None and out_rows is None:
             torch.mm(dz, weight, out=d_hidden[r0:r1])
+        elif d_hidden is not None:
+            d_hidden.index_copy_(0, out_rows[r0:r1], torch.mm(dz, weight))
         if d_weight_acc is not None:
             addmm_acc_(d_weight_acc, dz.t(), h_c, plan.tile_elems)
-    d_weight = None if d_weight_acc is None else d_weight_acc.to(weight.dtype)
+        elif d_weight is not None and not dw_written:
+            torch.mm(dz.t(), h_c, out=d_weight)
+            dw_written = True
+        elif d_weight is not None:
+            d_weight.addmm_(dz.t(), h_c)  # the sum in the weight dtype (dw_accum="weight")
+    if d_weight_acc is not None:
+        d_weight = d_weight_acc.to(weight.dtype)
+    elif d_weight is not None and not dw_written:  # no rows: no chunk ran
+        d_weight.zero_()
     return d_hidden, d_weight
 
 

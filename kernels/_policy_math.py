@@ -1,9 +1,10 @@
-"""Per-token policy-loss math shared by the Triton kernels: one ``@triton.jit`` helper, :func:`policy_token_terms`.
+"""Per-token policy-loss math shared by the Triton kernels: the ``@triton.jit`` helpers :func:`policy_token_terms`
+and :func:`store_partial_sums` (the partial-sum columns of ``_loss_plan``, written once for both kernels).
 
 Callers: ``policy_loss._policy_loss_fwd_kernel`` (loss from per-token log-probs) and
 ``fused_linear_policy_loss._fused_epilogue_kernel`` (loss straight from the logits tile). Each loads its inputs,
-calls the helper on a block of tokens (any shape) in fp32, then does its own aggregation
-(``Σ_p c_p·pg``, ``Σ_p c_p·kl``, metric counts) and stores ``g_logp = c_total · dl``.
+calls the helper on a block of tokens (any shape) in fp32, then stores its partial sums (``Σ_p c_p·pg``,
+``Σ_p c_p·kl``, ``Σ_p c_p·H``, metric counts) with :func:`store_partial_sums` and ``g_logp = c_total · dl``.
 
 Formulas (DESIGN §4, exactly as :mod:`.policy_loss_ref` states them; this module only changes *how* they are
 evaluated), per token, with ``Δ = logp − old``:
@@ -132,3 +133,34 @@ def policy_token_terms(
         tl.where(m, pg, 0.0), tl.where(m, kl, 0.0), tl.where(m, dl, 0.0), tl.where(m, -dc, 0.0),
         m & clipped, m & clipped_lower, m & tis_capped,
     )  # fmt: skip
+
+
+@triton.jit
+def store_partial_sums(
+    row_ptr, coef_ptr, coef_stride, idx, in_bounds, weight_ptr, m, pg, kl, ent, nlr, clipped, clipped_lower,
+    tis_capped, NUM_PARTS: tl.constexpr, STORE_KL: tl.constexpr, STORE_ENT: tl.constexpr, STORE_TIS: tl.constexpr,
+):
+    """Store one program's partial sums at ``row_ptr`` in the column layout of ``_loss_plan`` — per part ``p``,
+    ``Σ c_p·pg``, ``Σ c_p·kl``, ``Σ c_p·H`` at ``3p + COL_PG/KL/ENT``; then at ``3P + COL_*`` the token count and
+    the clipped, clipped-lower, ``neg_log_ratio`` and TIS-capped sums — and return ``c_total = Σ_p weight_p·c_p``.
+
+    ``c_p`` is row ``p`` of the coefficients (``coef_ptr + p·coef_stride + idx``, masked by ``in_bounds``),
+    ``weight_p`` at ``weight_ptr + p``. Columns whose ``STORE_*`` is off are not written (the caller's buffer
+    holds zeros there, or they are never read)."""
+    c_total = tl.zeros_like(pg)
+    for p in tl.static_range(NUM_PARTS):
+        c = tl.load(coef_ptr + p * coef_stride + idx, mask=in_bounds, other=0.0)
+        c_total += tl.load(weight_ptr + p) * c
+        tl.store(row_ptr + 3 * p, tl.sum(c * pg, axis=0))
+        if STORE_KL:
+            tl.store(row_ptr + 3 * p + 1, tl.sum(c * kl, axis=0))
+        if STORE_ENT:
+            tl.store(row_ptr + 3 * p + 2, tl.sum(c * ent, axis=0))
+    met = row_ptr + 3 * NUM_PARTS
+    tl.store(met + 0, tl.sum(tl.where(m, 1.0, 0.0), axis=0))
+    tl.store(met + 1, tl.sum(tl.where(clipped, 1.0, 0.0), axis=0))
+    tl.store(met + 2, tl.sum(tl.where(clipped_lower, 1.0, 0.0), axis=0))
+    tl.store(met + 3, tl.sum(nlr, axis=0))
+    if STORE_TIS:
+        tl.store(met + 4, tl.sum(tl.where(tis_capped, 1.0, 0.0), axis=0))
+    return c_total

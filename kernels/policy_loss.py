@@ -1,8 +1,9 @@
 """Triton fast path of the policy loss from per-token log-probs (``cipo.policy_loss``, ``cipo.cipo_policy_loss``).
 
 Formulas are DESIGN §4, exactly as :mod:`.policy_loss_ref` states them; this module only changes *how* they
-are evaluated. The entry point :func:`policy_loss_triton` receives the flat inputs of one loss call and its
-stream parts (``loss = Σ_p weight_p · agg_p(ℓ)``) from ``cipo.loss._loss_from_flat``.
+are evaluated. The entry point :func:`policy_loss_triton` receives the flat token tensors of one loss call, one
+mask per stream part and the :class:`._loss_plan.LossPlan` (``loss = Σ_p weight_p · agg_p(ℓ)``) from
+``cipo.loss``.
 
 Design — one elementwise pass, gradient finished in the forward:
 
@@ -47,31 +48,19 @@ Conventions:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from ._policy_math import policy_token_terms
-from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP, part_losses, token_coefficients
-
-if TYPE_CHECKING:  # only for annotations: cipo.loss imports this module lazily, never the other way round
-    from ..config import PolicyLossConfig
-    from ..loss import FlatInputs, StreamPart
+from ._loss_plan import LossPlan, part_coefficients, seq_log_weight
+from ._policy_math import policy_token_terms, store_partial_sums
+from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
 
 BLOCK = 1024
 """Tokens per program: big blocks keep the interpreter fast and a GPU's memory pipes busy."""
-
-_KL_CODE = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
-_TIS_CODE = {None: 0, "token": 1, "sequence": 2}
-
-# Columns of the per-block partial sums: 3 per part (pg, kl, entropy), then the metrics below.
-_COL_COUNT, _COL_CLIPPED, _COL_CLIPPED_LOWER, _COL_NEG_LOG_RATIO, _COL_TIS_CAPPED = range(5)
-_NUM_METRIC_COLS = 5
 
 
 @triton.jit
@@ -108,85 +97,48 @@ def _policy_loss_fwd_kernel(
         logp, old, adv, m, ref, tis_in, is_w, clip_low, clip_high, clip_c, log_cap, kl_coef,
         DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, HAS_IS_W, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
     )
+    ent = pg  # placeholder, never stored without HAS_ENT
     if HAS_ENT:
         ent = tl.where(m, tl.load(ent_ptr + offs, mask=inb, other=0.0).to(tl.float32), 0.0)
 
-    row = partial_ptr + pid * NUM_COLS
-    c_total = tl.zeros([BLOCK], dtype=tl.float32)
-    for p in tl.static_range(NUM_PARTS):
-        c = tl.load(coef_ptr + p * n_tokens + offs, mask=inb, other=0.0)
-        c_total += tl.load(weight_ptr + p) * c
-        tl.store(row + 3 * p, tl.sum(c * pg, axis=0))
-        if KL_MODE != 0:
-            tl.store(row + 3 * p + 1, tl.sum(c * kl, axis=0))
-        if HAS_ENT:
-            tl.store(row + 3 * p + 2, tl.sum(c * ent, axis=0))
-
+    # The partial-sum buffer starts at zero: columns of absent terms stay 0.
+    c_total = store_partial_sums(
+        partial_ptr + pid * NUM_COLS, coef_ptr, n_tokens, offs, inb, weight_ptr, m, pg, kl, ent, nlr, clipped,
+        clipped_lower, tis_capped, NUM_PARTS, KL_MODE != 0, HAS_ENT, TIS_MODE != 0,
+    )
     tl.store(dlogp_ptr + offs, c_total * dl, mask=inb)
     if ENT_IN_LOSS:
         tl.store(dent_ptr + offs, -ent_coef * c_total, mask=inb)
 
-    met = row + 3 * NUM_PARTS
-    tl.store(met + 0, tl.sum(tl.where(m, 1.0, 0.0), axis=0))
-    tl.store(met + 1, tl.sum(tl.where(clipped, 1.0, 0.0), axis=0))
-    tl.store(met + 2, tl.sum(tl.where(clipped_lower, 1.0, 0.0), axis=0))
-    tl.store(met + 3, tl.sum(nlr, axis=0))
-    if TIS_MODE != 0:
-        tl.store(met + 4, tl.sum(tl.where(tis_capped, 1.0, 0.0), axis=0))
 
+def _launch(logp: torch.Tensor, entropy: Optional[torch.Tensor], tokens: dict[str, Optional[torch.Tensor]],
+            plan: LossPlan) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Run the kernel; returns ``(column sums [3P+5] float64, dlogp [N] float32, dH [N] float32 or None)``.
 
-@dataclass
-class _Plan:
-    """Everything one launch needs besides the differentiable ``logp`` / ``entropy`` (all detached)."""
-
-    old_logp: torch.Tensor       # [N] float
-    advantages: torch.Tensor     # [N] float
-    mask: torch.Tensor           # [N] uint8 view of the bool mask
-    ref_logp: Optional[torch.Tensor]   # [N] float, KL_MODE != 0
-    tis_input: Optional[torch.Tensor]  # [N]: rollout_logp (token TIS) or the per-token sequence log-weight
-    is_weights: Optional[torch.Tensor]  # [N] float: precomputed importance weights
-    coefs: torch.Tensor          # [P, N] float32 aggregation coefficients per part
-    weights: torch.Tensor        # [P] float32 part weights
-    part_weights: list[float]    # the same, as Python floats, for the float64 combination
-    clip_low: float
-    clip_high: float
-    clip_c: Optional[float]
-    log_cap: float
-    kl_coef: float
-    ent_coef: float
-    kl_mode: int
-    kl_in_loss: bool
-    tis_mode: int
-    has_ent: bool
-    ent_in_loss: bool
-
-
-def _launch(logp: torch.Tensor, entropy: Optional[torch.Tensor], plan: _Plan
-            ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Run the kernel; returns ``(column sums [3P+5] float64, dlogp [N] float32, dH [N] float32 or None)``."""
+    ``tokens``: the detached, contiguous inputs of :func:`policy_loss_triton` (``old``, ``adv``, ``mask`` as
+    uint8, ``ref``, ``tis``: rollout log-probs or the sequence log-weight, ``is_w``, ``coefs [P, N]``, ``weights
+    [P]``)."""
     n = logp.numel()
-    num_parts = plan.coefs.shape[0]
-    num_cols = 3 * num_parts + _NUM_METRIC_COLS
+    num_parts = plan.num_parts
     device = logp.device
     dlogp = torch.empty(n, dtype=torch.float32, device=device)
     dent = torch.empty(n, dtype=torch.float32, device=device) if plan.ent_in_loss else None
     if n == 0:
-        return torch.zeros(num_cols, dtype=torch.float64, device=device), dlogp, dent
+        return torch.zeros(plan.num_cols, dtype=torch.float64, device=device), dlogp, dent
     num_blocks = triton.cdiv(n, BLOCK)
-    partials = torch.zeros(num_blocks, num_cols, dtype=torch.float32, device=device)
-    dummy = logp  # stands in for absent optional inputs; never read (its constexpr branch is compiled out)
+    partials = torch.zeros(num_blocks, plan.num_cols, dtype=torch.float32, device=device)
+
+    def opt(t: Optional[torch.Tensor]) -> torch.Tensor:
+        return t if t is not None else logp  # stands in for an absent buffer; its constexpr branch never touches it
+
     _policy_loss_fwd_kernel[(num_blocks,)](
-        logp, plan.old_logp, plan.advantages, plan.mask,
-        plan.ref_logp if plan.ref_logp is not None else dummy,
-        plan.tis_input if plan.tis_input is not None else dummy,
-        plan.is_weights if plan.is_weights is not None else dummy,
-        entropy if entropy is not None else dummy,
-        plan.coefs, plan.weights, dlogp, dent if dent is not None else dlogp, partials,
-        n, plan.clip_low, plan.clip_high, plan.clip_c if plan.clip_c is not None else 0.0, plan.log_cap,
-        plan.kl_coef, plan.ent_coef,
-        NUM_PARTS=num_parts, NUM_COLS=num_cols, DUAL_CLIP=plan.clip_c is not None, KL_MODE=plan.kl_mode,
-        KL_IN_LOSS=plan.kl_in_loss, TIS_MODE=plan.tis_mode, HAS_IS_W=plan.is_weights is not None,
-        HAS_ENT=plan.has_ent, ENT_IN_LOSS=plan.ent_in_loss,
+        logp, tokens["old"], tokens["adv"], tokens["mask"], opt(tokens["ref"]), opt(tokens["tis"]),
+        opt(tokens["is_w"]), opt(entropy), tokens["coefs"], tokens["weights"], dlogp, opt(dent), partials,
+        n, plan.clip_low, plan.clip_high, plan.clip_ratio_c if plan.clip_ratio_c is not None else 0.0,
+        plan.log_cap, plan.kl_coef, plan.entropy_coef,
+        NUM_PARTS=num_parts, NUM_COLS=plan.num_cols, DUAL_CLIP=plan.clip_ratio_c is not None, KL_MODE=plan.kl_mode,
+        KL_IN_LOSS=plan.kl_in_loss, TIS_MODE=plan.tis_code, HAS_IS_W=tokens["is_w"] is not None,
+        HAS_ENT=entropy is not None, ENT_IN_LOSS=plan.ent_in_loss,
         RATIO_CLAMP=LOG_RATIO_CLAMP, K3_X_CLAMP=K3_LOG_RATIO_CLAMP, K3_Y_CLAMP=K3_CLAMP, BLOCK=BLOCK,
         num_warps=4,
     )
@@ -197,13 +149,10 @@ class _PolicyLossFunction(torch.autograd.Function):
     """``loss = Σ_p weight_p·agg_p(ℓ)`` from ``logp [N]`` (and ``entropy [N]``); backward scales stored grads."""
 
     @staticmethod
-    def forward(ctx, logp: torch.Tensor, entropy: Optional[torch.Tensor], plan: _Plan
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, dlogp, dent = _launch(logp, entropy, plan)
-        loss = None
-        for weight, part in zip(plan.part_weights, part_losses(sums, len(plan.part_weights), plan)):
-            loss = part * weight if loss is None else loss + part * weight
-        loss = loss.to(logp.dtype)
+    def forward(ctx, logp: torch.Tensor, entropy: Optional[torch.Tensor],  # type: ignore[override]
+                tokens: dict[str, Optional[torch.Tensor]], plan: LossPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, dlogp, dent = _launch(logp, entropy, tokens, plan)
+        loss = plan.loss_from_sums(sums).to(logp.dtype)
         ctx.mark_non_differentiable(sums)
         ctx.save_for_backward(dlogp, dent)
         ctx.logp_dtype = logp.dtype
@@ -212,107 +161,59 @@ class _PolicyLossFunction(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss: torch.Tensor, grad_sums: Optional[torch.Tensor]
-                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
+    def backward(ctx, grad_loss: torch.Tensor, grad_sums: Optional[torch.Tensor]  # type: ignore[override]
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], None, None]:
         dlogp, dent = ctx.saved_tensors
         g = grad_loss.to(torch.float32)
         grad_logp = (dlogp * g).to(ctx.logp_dtype) if ctx.needs_input_grad[0] else None
         grad_ent = None
         if ctx.needs_input_grad[1] and dent is not None:
             grad_ent = (dent * g).to(ctx.ent_dtype)
-        return grad_logp, grad_ent, None
+        return grad_logp, grad_ent, None, None
 
 
-def policy_loss_triton(flat: "FlatInputs", config: "PolicyLossConfig", parts: list["StreamPart"],
-                       scale_factor: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Loss and metrics of ``cipo.loss._loss_from_flat`` computed by the Triton kernel.
+def policy_loss_triton(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                       seq_index: torch.Tensor, num_seqs: int, part_masks: list[torch.Tensor], plan: LossPlan, *,
+                       ref_logp: Optional[torch.Tensor] = None, rollout_logp: Optional[torch.Tensor] = None,
+                       entropy: Optional[torch.Tensor] = None, is_weights: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy loss of flat token tensors computed by the Triton kernel (``cipo.loss`` prepares the inputs).
 
     Args:
-        flat: flat token tensors ``[N]`` (float32 or float64; bool mask; int64 ``seq_index`` with
-            ``flat.num_seqs`` sequences). Gradients flow into ``flat.logp`` and, when
-            ``config.entropy_coef > 0``, into ``flat.entropy``.
-        config: the loss knobs (validated by the caller, as are the presence of ref/rollout/entropy).
-        parts: the stream parts, ≥ 1; each part's mask is a subset of ``flat.mask``.
-        scale_factor: divisor of ``seq-mean-token-sum-norm``.
+        logp: ``[N]`` float32/float64 current log-probs; the gradient flows here and, when
+            ``plan.ent_in_loss``, into ``entropy``.
+        old_logp, advantages: ``[N]`` float, no gradient.
+        mask: ``[N]`` bool, the loss tokens; values outside it are never read into the loss (``where``).
+        seq_index: ``[N]`` int64 sequence of each token, in ``[0, num_seqs)``.
+        part_masks: one ``[N]`` bool mask per part of ``plan`` (each a subset of ``mask``).
+        plan: the loss knobs (validated by the caller, as is the presence of ref/rollout/entropy;
+            ``plan.kl_estimator`` is set exactly when ``ref_logp`` is given, ``plan.has_entropy`` when ``entropy``
+            is).
+        ref_logp, rollout_logp, entropy, is_weights: ``[N]`` float, optional.
 
     Returns:
-        ``(loss, metrics)``: a 0-dim tensor in ``flat.logp.dtype``; the reference's keys — ``loss/<part>``
-        for each part, ``pg_loss``, ``clipfrac``, ``clipfrac_lower``, ``approx_kl``, and ``kl`` (when
-        ``ref_logp`` is given), ``entropy`` (when ``entropy`` is given), ``tis_clipfrac`` (when TIS is on).
+        ``(loss, sums)``: a 0-dim tensor in ``logp.dtype`` and the float64 column sums (metrics:
+        :meth:`LossPlan.metrics`).
     """
-    from ..loss import metrics_to_floats  # lazy: cipo.loss imports this module inside a function
-
-    if not parts:
-        raise ValueError("policy_loss_triton needs at least one stream part")
-    device = flat.logp.device
+    if not part_masks or len(part_masks) != plan.num_parts:
+        raise ValueError(f"policy_loss_triton needs one mask per stream part of the plan ({plan.num_parts}); got "
+                         f"{len(part_masks)}")
+    device = logp.device
     f32 = torch.float32
-    coefs = torch.stack([
-        token_coefficients(part.mask.to(device), flat.seq_index, flat.num_seqs, config.loss_agg_mode,
-                           scale_factor=scale_factor, normalizer=part.normalizer, dtype=f32)
-        for part in parts
-    ]).contiguous()
-    part_weights = [float(part.weight) for part in parts]
 
-    tis_mode = _TIS_CODE[config.tis_mode]
-    tis_input = None
-    if tis_mode == 1:
-        tis_input = flat.rollout_logp.detach().contiguous()
-    elif tis_mode == 2:
-        # Per-sequence log-weight, masked sum of old − rollout, in float64 (then fp32 for the kernel).
-        delta = torch.where(flat.mask, flat.old_logp.detach().double() - flat.rollout_logp.detach().double(), 0.0)
-        seq_sum = torch.zeros(flat.num_seqs, dtype=torch.float64, device=device).index_add_(0, flat.seq_index,
-                                                                                            delta)
-        tis_input = seq_sum[flat.seq_index].to(f32).contiguous()
+    def detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach().contiguous()
 
-    kl_mode = _KL_CODE[config.kl_estimator] if flat.ref_logp is not None else 0
-    has_ent = flat.entropy is not None
-    plan = _Plan(
-        old_logp=flat.old_logp.detach().contiguous(),
-        advantages=flat.advantages.detach().contiguous(),
-        mask=flat.mask.contiguous().view(torch.uint8),
-        ref_logp=flat.ref_logp.detach().contiguous() if kl_mode else None,
-        tis_input=tis_input,
-        is_weights=flat.is_weights.detach().contiguous() if flat.is_weights is not None else None,
-        coefs=coefs,
-        weights=torch.tensor(part_weights, dtype=f32, device=device),
-        part_weights=part_weights,
-        clip_low=1.0 - config.clip_ratio_low,
-        clip_high=1.0 + config.clip_ratio_high,
-        clip_c=config.clip_ratio_c,
-        log_cap=math.log(config.tis_cap),
-        kl_coef=float(config.kl_coef),
-        ent_coef=float(config.entropy_coef),
-        kl_mode=kl_mode,
-        kl_in_loss=bool(kl_mode) and config.kl_coef > 0,
-        tis_mode=tis_mode,
-        has_ent=has_ent,
-        ent_in_loss=has_ent and config.entropy_coef > 0,
-    )
-    entropy = flat.entropy.contiguous() if has_ent else None
-    loss, sums = _PolicyLossFunction.apply(flat.logp.contiguous(), entropy, plan)
-
-    named: dict[str, torch.Tensor] = {}
-    losses = part_losses(sums, len(plan.part_weights), plan)
-    for part, value in zip(parts, losses):
-        named[f"loss/{part.name}"] = value
-
-    def weighted(col: int) -> torch.Tensor:
-        total = None
-        for p, weight in enumerate(part_weights):
-            term = sums[3 * p + col] * weight
-            total = term if total is None else total + term
-        return total
-
-    met = sums[3 * len(parts):]
-    count = met[_COL_COUNT].clamp(min=1.0)  # masked_mean of an empty mask is 0: its total is 0
-    named["pg_loss"] = weighted(0)
-    named["clipfrac"] = met[_COL_CLIPPED] / count
-    named["clipfrac_lower"] = met[_COL_CLIPPED_LOWER] / count
-    named["approx_kl"] = met[_COL_NEG_LOG_RATIO] / count
-    if kl_mode:
-        named["kl"] = weighted(1)
-    if has_ent:
-        named["entropy"] = weighted(2)
-    if tis_mode:
-        named["tis_clipfrac"] = met[_COL_TIS_CAPPED] / count
-    return loss, metrics_to_floats(named)
+    tis = None
+    if plan.tis_code == 1:
+        tis = detached(rollout_logp)
+    elif plan.tis_code == 2:
+        tis = seq_log_weight(old_logp, rollout_logp, mask, seq_index, num_seqs, f32)
+    tokens = {
+        "old": detached(old_logp), "adv": detached(advantages), "mask": mask.contiguous().view(torch.uint8),
+        "ref": detached(ref_logp) if plan.kl_mode else None, "tis": tis, "is_w": detached(is_weights),
+        "coefs": part_coefficients(plan, [pm.to(device) for pm in part_masks], seq_index, num_seqs, f32),
+        "weights": torch.tensor(plan.part_weights, dtype=f32, device=device),
+    }
+    entropy = entropy.contiguous() if entropy is not None else None
+    return _PolicyLossFunction.apply(logp.contiguous(), entropy, tokens, plan)

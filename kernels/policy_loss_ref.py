@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -176,19 +176,3 @@ def token_coefficients(mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: in
         return m / (seq_count.clamp(min=1)[seq_index] * num_present)
     raise ValueError(f"unknown loss_agg_mode {mode!r}")
 
-
-def part_losses(sums: torch.Tensor, num_parts: int, terms: Any) -> list[torch.Tensor]:
-    """``[PG_p + β·KL_p − γ·H_p]`` per part (float64 0-dim), the terms present exactly as in the reference.
-
-    ``sums`` holds ``(PG, KL, H)`` per part; ``terms`` has ``kl_in_loss``, ``kl_coef``, ``ent_in_loss``,
-    ``ent_coef`` (this module's plan and the fused loss's constants both do).
-    """
-    out = []
-    for p in range(num_parts):
-        part = sums[3 * p]
-        if terms.kl_in_loss:
-            part = part + terms.kl_coef * sums[3 * p + 1]
-        if terms.ent_in_loss:
-            part = part - terms.ent_coef * sums[3 * p + 2]
-        out.append(part)
-    return out

@@ -66,6 +66,7 @@ JITFunction.run = _compile_only
 
 # The kernels were built as JITFunctions (interpreter off); the tests skip kernels that do not look interpreted,
 # and cipo's dispatch sends CPU tensors to Triton only under TRITON_INTERPRET=1: make both believe it.
+import cipo.kernels._fused_epilogue as _epilogue  # noqa: E402
 import cipo.kernels.fused_linear_policy_loss as _fused  # noqa: E402
 import cipo.kernels.group_advantage  # noqa: E402, F401
 import cipo.kernels.linear_logprob as _logprob  # noqa: E402
@@ -77,9 +78,9 @@ JITFunction.__name__ = "InterpretedFunction"
 os.environ["TRITON_INTERPRET"] = "1"
 
 if os.environ.get("CC_GPU_BLOCKS") == "1":
-    _block_config, _tile_blocks = _logprob._block_config, _fused._tile_blocks
+    _block_config, _tile_blocks = _logprob._block_config, _epilogue.tile_blocks
     _logprob._block_config = lambda rows, cols, on_gpu: _block_config(rows, cols, True)
-    _fused._tile_blocks = lambda rows, cols, on_gpu: _tile_blocks(rows, cols, True)
+    _epilogue.tile_blocks = lambda rows, cols, on_gpu: _tile_blocks(rows, cols, True)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -48,13 +48,15 @@ from typing import Optional
 
 import pytest
 import torch
+from cipo.kernels import _fused_epilogue
 from cipo.kernels import fused_linear_policy_loss as flpl
-from cipo.kernels._chunking import plan_chunks
-from cipo.kernels.fused_linear_policy_loss import fused_linear_policy_loss
+from cipo.kernels._chunking import chunk_bounds, plan_chunks
 from cipo.kernels.linear_logprob import linear_logprob
+from cipo.kernels.linear_logprob_ref import linear_logprob_reference
 from cipo.kernels.policy_loss_ref import aggregate, token_terms
 
-from cipo import PackedBatch, PolicyLossConfig, SequenceSample, cipo_policy_loss
+from cipo import PackedBatch, PolicyLossConfig, SequenceSample, cipo_policy_loss, fused_linear_policy_loss
+from cipo.fused_loss import _flat_inputs
 from cipo.loss import flatten_inputs
 from cipo.profiling import cpu_peak_alloc_bytes
 
@@ -79,7 +81,7 @@ FULL = dict(clip_ratio_high=0.28, kl_coef=0.1, kl_type="low_var_kl", entropy_coe
 
 @pytest.fixture(autouse=True)
 def _interpreter_active():
-    if DEVICE == "cpu" and type(flpl._fused_epilogue_kernel).__name__ != "InterpretedFunction":
+    if DEVICE == "cpu" and type(_fused_epilogue._fused_epilogue_kernel).__name__ != "InterpretedFunction":
         pytest.skip("the kernels were imported before TRITON_INTERPRET=1 was set; run the kernel tests in their "
                     "own pytest process or set TRITON_INTERPRET=1 in the environment")
 
@@ -87,6 +89,12 @@ def _interpreter_active():
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _token_rows(batch: PackedBatch, config: PolicyLossConfig) -> "_fused_epilogue.TokenRows":
+    """The fused loss's per-row inputs of ``batch`` (fp32, CPU, all rows), as the public entry prepares them."""
+    inputs = _flat_inputs(batch, config, 1.0, None, "grpo", None, None, torch.float32, torch.device("cpu"))
+    return flpl._token_rows(**inputs, dtype=torch.float32)
 
 
 @dataclass
@@ -100,10 +108,7 @@ class Case:
 def _logp_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token logp and entropy from full logits, in the inputs' dtype (autograd-friendly)."""
-    logprobs = torch.log_softmax((hidden @ weight.t()) / temperature, dim=-1)
-    picked = logprobs.gather(1, targets.clamp(min=0)[:, None])[:, 0]
-    logp = torch.where(targets != -100, picked, torch.zeros_like(picked))
-    return logp, -(logprobs.exp() * logprobs).sum(dim=-1)
+    return linear_logprob_reference(hidden, weight, targets, temperature, return_entropy=True)
 
 
 def make_case(spec=SPEC, V: int = 1009, H: int = 37, *, seed: int = 0, temperature: float = 0.7, scale: float = 1.0,
@@ -231,13 +236,13 @@ def _use_triton(monkeypatch) -> Impl:
     runs on CPU tensors, which must take the torch path."""
     launches: list = []
     monkeypatch.setenv("CIPO_FORCE_TRITON", "1" if DEVICE == "cpu" else "0")
-    real = flpl._launch
+    real = flpl.launch
 
     def spy(*args, **kwargs):
-        launches.append(args[1])
+        launches.append(args[2])  # the phase
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flpl, "_launch", spy)
+    monkeypatch.setattr(flpl, "launch", spy)
     return Impl("triton", DEVICE, launches)
 
 
@@ -347,11 +352,9 @@ def test_on_policy_sequence_tis_chunks_on_boundaries(monkeypatch):
     case = make_case(seed=31)
     case.batch.old_logp = None
     config = PolicyLossConfig(tis_mode="sequence")
-    k = flpl._prepare_consts(case.batch, config, 1.0, None, "grpo", None, None, torch.float32,
-                             torch.device("cpu"))
-    k, _ = flpl._compact(k)
+    k, _ = flpl._compact(_token_rows(case.batch, config))
     assert k.deferred
-    bounds = flpl._chunk_bounds(k, 9, whole_sequences=True)
+    bounds = chunk_bounds(k.targets.numel(), 9, k.seq_index)
     starts = torch.nonzero(torch.diff(k.seq_index, prepend=k.seq_index[:1] - 1)).squeeze(1).tolist()
     assert all(r0 in starts for r0, _ in bounds) and bounds[-1][1] == k.targets.numel()
     n, V, H = k.targets.numel(), 1009, 37
@@ -447,10 +450,8 @@ def _torch_bf16_path(case: Case, config: PolicyLossConfig, **kwargs) -> Result:
     """torch's own bf16 path: bf16 GEMM (logits rounded to bf16), fp32 log-softmax, the same loss, autograd."""
     h = case.hidden.clone().requires_grad_(True)
     w = case.weight.clone().requires_grad_(True)
-    logprobs = torch.log_softmax((h @ w.t()).float() / config.temperature, dim=-1)
-    targets = case.batch.targets
-    logp = torch.where(targets != -100, logprobs.gather(1, targets.clamp(min=0)[:, None])[:, 0], 0.0)
-    ent = -(logprobs.exp() * logprobs).sum(dim=-1)
+    logp, ent = linear_logprob_reference(h, w, case.batch.targets, config.temperature, return_entropy=True,
+                                         logits_dtype=torch.float32)
     loss, metrics = cipo_policy_loss(logp, case.batch, config, entropy=ent, **kwargs)
     loss.backward()
     return Result(float(loss.detach()), metrics, h.grad.double(), w.grad.double())
@@ -489,9 +490,8 @@ def test_fp32_tiles_for_half_inputs(impl, monkeypatch, tiling):
         torch.mm(h.float(), w.float().t(), out=z)
         return z
 
-    for module in (flpl, _chunking):
-        monkeypatch.setattr(module, "logits_dtype", lambda dtype, device: torch.float32)
-        monkeypatch.setattr(module, "logits_tile", fp32_tile)
+    monkeypatch.setattr(_chunking, "logits_dtype", lambda dtype, device: torch.float32)
+    monkeypatch.setattr(_chunking, "logits_tile", fp32_tile)
     case = make_case(seed=52, dtype=torch.bfloat16, temperature=0.9)
     config = PolicyLossConfig(**dict(FULL, temperature=0.9))
     want = reference(case, config)
@@ -664,8 +664,7 @@ def test_invalid_inputs(name, args, kwargs, match):
 def test_tiling_choice_at_gpu_shapes():
     """Token chunks (6·THV) when the fp32 dW accumulator + a tile fit 1.5 GiB, else vocab slabs (8·THV)."""
     case = make_case(seed=91, V=50, H=8)
-    k = flpl._prepare_consts(case.batch, PolicyLossConfig(), 1.0, None, "grpo", None, None, torch.float32,
-                             torch.device("cpu"))
+    k = _token_rows(case.batch, PolicyLossConfig())
     cuda = torch.device("cuda")
     for T, V, H, want in ((8192, 151936, 4096, "vocab"), (32768, 151936, 2560, "vocab"), (8192, 32000, 2048, "token"),
                           (300, 151936, 4096, "token"), (200000, 1000, 64, "token")):

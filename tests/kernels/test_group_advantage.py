@@ -1,6 +1,6 @@
 """``cipo.group_advantages`` through the Triton kernel (interpreter on CPU) against the float64 reference.
 
-Run: ``python -m pytest tests/kernels/test_group_advantage_triton.py`` (tests/kernels/conftest.py sets
+Run: ``python -m pytest tests/kernels/test_group_advantage.py`` (tests/kernels/conftest.py sets
 ``TRITON_INTERPRET=1``; each test sets ``CIPO_FORCE_TRITON`` itself).
 
 Reference: ``cipo.group_advantages`` on the same float32 rewards cast to float64 (which takes the torch path).

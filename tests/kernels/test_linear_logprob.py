@@ -184,10 +184,7 @@ def _torch_half_path(hidden, weight, targets, temperature, g_logp, g_ent):
     """torch's own half-precision path: half GEMM (logits rounded to half), fp32 log-softmax, autograd."""
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    logprobs = torch.log_softmax((h @ w.t()).float() / temperature, dim=-1)
-    picked = logprobs.gather(1, targets.clamp(min=0)[:, None])[:, 0]
-    logp = torch.where(targets != -100, picked, 0.0)
-    ent = -(logprobs.exp() * logprobs).sum(dim=-1)
+    logp, ent = linear_logprob_reference(h, w, targets, temperature, return_entropy=True, logits_dtype=torch.float32)
     ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
     return logp.detach(), ent.detach(), h.grad, w.grad
 

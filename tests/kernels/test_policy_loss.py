@@ -1,6 +1,6 @@
 """``cipo.policy_loss`` / ``cipo.cipo_policy_loss`` through the Triton kernel against the float64 reference.
 
-Run: ``python -m pytest tests/kernels/test_policy_loss_triton.py`` (tests/kernels/conftest.py sets
+Run: ``python -m pytest tests/kernels/test_policy_loss.py`` (tests/kernels/conftest.py sets
 ``TRITON_INTERPRET=1``; each call sets or clears ``CIPO_FORCE_TRITON`` itself through ``monkeypatch``).
 
 Reference: the same public call on the same float32 values cast to float64, with ``CIPO_FORCE_TRITON`` unset
@@ -31,7 +31,7 @@ from cipo.kernels.policy_loss_ref import aggregate, token_terms
 
 import cipo
 from cipo import PackedBatch, PolicyLossConfig, SequenceSample, cipo_policy_loss, policy_loss
-from cipo.loss import StreamPart, flatten_inputs
+from cipo.loss import StreamPart, flatten_inputs, loss_plan
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 RTOL_SUM = 1e-5
@@ -371,8 +371,11 @@ def test_float64_inputs_kernel_entry(monkeypatch):
     ent = d["entropy"].requires_grad_(True)
     flat = flatten_inputs(logp, d["old_logp"], d["advantages"], d["mask"], ref_logp=d["ref_logp"],
                           rollout_logp=d["rollout_logp"], entropy=ent)
-    loss, metrics = plk.policy_loss_triton(flat, config, [StreamPart("all", flat.mask, 1.0)],
-                                           scale_factor=flat.default_scale)
+    plan = loss_plan(config, [StreamPart("all", flat.mask, 1.0)], flat.default_scale, has_ref=True, has_entropy=True)
+    loss, sums = plk.policy_loss_triton(flat.logp, flat.old_logp, flat.advantages, flat.mask, flat.seq_index,
+                                        flat.num_seqs, [flat.mask], plan, ref_logp=flat.ref_logp,
+                                        rollout_logp=flat.rollout_logp, entropy=flat.entropy)
+    metrics = plan.metrics(sums)
     loss.backward()
     assert loss.dtype == torch.float64 and logp.grad.dtype == torch.float64 and ent.grad.dtype == torch.float64
     want = run_policy_loss(monkeypatch, False, inputs, config)
