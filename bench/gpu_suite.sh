@@ -11,7 +11,7 @@
 # 3. times, in one process per section: fused_linear_policy_loss vs naive torch (fp32 logits materialised, verl's
 #    default) vs the bare LM-head matmul forward+backward [+ linear_logprob, Liger GRPO, Liger FLCE, CCE] at
 #    T ∈ {8192, 32768}, H ∈ {2560, 4096}, V = 151936, bf16 (and fp32 at T=8192, H=4096), error vs float64; then the
-#    tiling study (token chunks of 384…2048 rows, fp32 or weight-dtype dW sum, fp32 or half logits tiles, vs vocab
+#    tiling study (token chunks of 384…2048 rows, fp32 or weight-dtype dW sum, vs vocab
 #    slabs: the evidence for the automatic rule); then a training step of a Qwen3-4B-shaped model (longest context that fits, fused loss on/off, checkpointing on/off);
 #    then the T sweep 1k…32k × V ∈ {32000, 151936} with every baseline, as far as the time budget goes;
 # 4. prints the target table last and leaves in $OUT: gpu_suite.log, kernel_tests.txt, gpu.json, gpu.md, gpu_loss.png,
@@ -126,9 +126,38 @@ else
     echo "gpu_suite: no time left for the timing suite"
 fi
 
+# --- long contexts (issue 15) ------------------------------------------------------------------------------------
+# PREPARED, NOT YET RUN ON A GPU. The largest correction context that trains for a Qwen3-4B-shaped model (bf16,
+# random weights, weights + gradients, no optimizer state) under memory caps of 24, 48 and 80 GiB
+# (torch.cuda.set_per_process_memory_fraction), for each switch on and off: baseline (fused loss, plain packing),
+# shared_prefix, tiled_mlp, checkpointing, materialised_loss, all. One correction group per micro-batch: 8 rollouts x
+# 1024 response tokens after a context that doubles from 4096 until OOM, then one bisection step. Several minutes,
+# so off by default: GPU_SUITE_LONG_CONTEXT_S=300 runs it after the timing suite, in that many seconds on top of
+# GPU_SUITE_BUDGET_S (GPU_SUITE_LONG_CONTEXT_CONFIGS=all,checkpointing,baseline narrows it). On a lent machine with a
+# short budget, run the stage alone instead:
+#     python -m bench.long_context --suite gpu --budget-s 280 --out $OUT --configs all,checkpointing,shared_prefix
+# Output: $OUT/long_context_gpu.{json,md}; the memory model's predictions for the same caps are in the same files,
+# so measured and predicted sit side by side. Goal (issue 15): >= 128k tokens per micro-batch at 80 GiB, >= 32k at
+# 24 GiB.
+LC_S=${GPU_SUITE_LONG_CONTEXT_S:-0}
+lc_rc=skipped
+if (( LC_S > 60 )); then
+    stage "long contexts (python -m bench.long_context --suite gpu), ${LC_S} s"
+    LC_ARGS=(--suite gpu --out "$OUT" --budget-s $(( LC_S - 30 )))
+    [ -n "${GPU_SUITE_LONG_CONTEXT_CONFIGS:-}" ] && LC_ARGS+=(--configs "$GPU_SUITE_LONG_CONTEXT_CONFIGS")
+    if [ "${GPU_SUITE_TEST_ON_CPU:-0}" = 1 ]; then
+        LC_ARGS+=(--device cpu --caps 1 --rollouts 2 --response 16 --start-context 32 --max-context 64)
+    fi
+    timeout "$LC_S" "$PY" -m bench.long_context "${LC_ARGS[@]}"
+    lc_rc=$?
+else
+    echo "long contexts: skipped (GPU_SUITE_LONG_CONTEXT_S=300 runs python -m bench.long_context --suite gpu)"
+fi
+
 stage "summary"
 echo "kernel tests: $test_status"
 echo "timing suite exit code: $bench_rc"
+echo "long contexts exit code: $lc_rc"
 # (the timing suite printed its summary table above: `python -m bench summary $OUT/gpu.json` prints it again)
 echo "total ${SECONDS} s; files in $OUT:"
 ls -l "$OUT"

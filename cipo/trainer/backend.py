@@ -35,6 +35,8 @@ from .checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, 
 from .config import TrainConfig
 from .distributed import DistContext
 from .forward import lm_head_weight, packed_hidden_states
+from .long_context import CheckpointOffload, configure_model
+from .shared_prefix import SharedPrefixLayout
 
 POLICY_PREFIX = "policy."  # PolicyModule's name for the HF model: stripped from exported state-dict keys
 WORLD_SIZE_FILE = "world_size"  # in a DeepSpeed checkpoint: the number of ranks that wrote it
@@ -55,7 +57,7 @@ class FusedHead(nn.Module):
 
             return linear_logprob(hidden, weight, batch.targets, temperature=loss_cfg.temperature).float()
         if fused:
-            from ..kernels.fused_linear_policy_loss import fused_linear_policy_loss
+            from ..fused_loss import fused_linear_policy_loss
 
             return fused_linear_policy_loss(hidden, weight, batch, loss_cfg, **loss_kwargs)
         from .trainer import materialized_policy_loss
@@ -64,17 +66,43 @@ class FusedHead(nn.Module):
 
 
 class PolicyModule(nn.Module):
-    """HF causal LM + fused head: ``forward(batch, ...)`` → ``(loss, metrics)``, or ``[n]`` log-probs."""
+    """HF causal LM + fused head: ``forward(batch, ...)`` → ``(loss, metrics)``, or ``[n]`` log-probs.
 
-    def __init__(self, model: nn.Module) -> None:
+    With ``shared_prefix`` (``actor.shared_prefix``) the sequences of a micro-batch that have identical prompts
+    share one copy of it in the forward (:mod:`cipo.trainer.shared_prefix`); the loss sees the same rows and gives
+    the same result. ``tokens_forward`` / ``tokens_packed`` count the tokens the decoder processed and those the
+    plain packed batches held, over every forward since :meth:`pop_token_counts`.
+    """
+
+    def __init__(self, model: nn.Module, shared_prefix: bool = False) -> None:
         super().__init__()
         self.policy = model
         self.head = FusedHead(model)
+        self.shared_prefix = shared_prefix
+        self.tokens_forward = 0
+        self.tokens_packed = 0
 
     def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, *, fused: bool = True,
                 logp_only: bool = False, **loss_kwargs: Any):
-        hidden = packed_hidden_states(self.policy, batch.input_ids, batch.position_ids)
-        return self.head(hidden, batch, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
+        if not self.shared_prefix:
+            hidden = packed_hidden_states(self.policy, batch.input_ids, batch.position_ids)
+            self._count(batch.num_tokens, batch.num_tokens)
+            return self.head(hidden, batch, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
+        layout = SharedPrefixLayout.build(batch)
+        hidden = layout.hidden_states(self.policy)  # [R, H]: the loss view's rows only
+        self._count(layout.num_tokens, batch.num_tokens)
+        out = self.head(hidden, layout.view, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
+        return layout.scatter_to_batch(out) if logp_only else out
+
+    def _count(self, forward: int, packed: int) -> None:
+        self.tokens_forward += int(forward)
+        self.tokens_packed += int(packed)
+
+    def pop_token_counts(self) -> tuple[int, int]:
+        """``(tokens through the decoder, tokens of the plain packed batches)`` since the last call; resets both."""
+        counts = (self.tokens_forward, self.tokens_packed)
+        self.tokens_forward = self.tokens_packed = 0
+        return counts
 
 
 # ----------------------------------------------------------------------------------------------- backends
@@ -86,7 +114,9 @@ class TorchBackend:
     def __init__(self, model: nn.Module, config: TrainConfig, dist: DistContext) -> None:
         actor = config.actor
         self.model = model
-        self.module = PolicyModule(model)
+        self.long_context = configure_model(model, tiled_mlp=actor.tiled_mlp, tiled_mlp_shards=actor.tiled_mlp_shards)
+        self.module = PolicyModule(model, shared_prefix=actor.shared_prefix)
+        self.offload = CheckpointOffload(actor.checkpoint_offload)
         self.dist = dist
         self.grad_clip = actor.grad_clip
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=actor.lr, betas=tuple(actor.betas),
@@ -94,13 +124,16 @@ class TorchBackend:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(actor.warmup_steps))
 
     def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, **kwargs: Any):
-        return self.module(batch, loss_cfg, **kwargs)
+        return _offloaded_forward(self.offload, self.module, batch, loss_cfg, kwargs)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        loss.backward()
+        try:
+            loss.backward()
+        finally:
+            self.offload.end()
 
     def step(self) -> float:
         """Clip (``actor.grad_clip > 0``), update, advance the schedule; returns the pre-clip gradient norm."""
@@ -155,7 +188,9 @@ class DeepSpeedBackend:
         self.ds_config = deepspeed_config(config)
         self.bucket_megabytes = config.rollout.update_weights_bucket_megabytes
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
-        self.module = PolicyModule(model)
+        self.long_context = configure_model(model, tiled_mlp=actor.tiled_mlp, tiled_mlp_shards=actor.tiled_mlp_shards)
+        self.module = PolicyModule(model, shared_prefix=actor.shared_prefix)
+        self.offload = CheckpointOffload(actor.checkpoint_offload)
         if self.stage == 3:
             deepspeed.zero.register_external_parameter(self.module.head, lm_head_weight(model))
         optimizer: Any = None
@@ -169,14 +204,17 @@ class DeepSpeedBackend:
             model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
 
     def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, **kwargs: Any):
-        return self.engine(batch, loss_cfg, **kwargs)
+        return _offloaded_forward(self.offload, self.engine, batch, loss_cfg, kwargs)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+        try:
+            self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+        finally:
+            self.offload.end()
 
     def step(self) -> float:
         """Clip (DeepSpeed's ``gradient_clipping``), update, advance the schedule; the pre-clip global norm."""
@@ -241,6 +279,21 @@ class DeepSpeedBackend:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {path}")
         set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
         return client_state
+
+
+def _offloaded_forward(offload: CheckpointOffload, module, batch: PackedBatch, loss_cfg: PolicyLossConfig,
+                       kwargs: dict[str, Any]):
+    """``module(batch, ...)`` inside the checkpoint-offload context when it is on (closed by the backward; here
+    at once for log-prob forwards, which have no backward, and when the forward fails)."""
+    offload.begin()
+    try:
+        out = module(batch, loss_cfg, **kwargs)
+    except BaseException:
+        offload.end()
+        raise
+    if kwargs.get("logp_only") or not torch.is_grad_enabled():
+        offload.end()
+    return out
 
 
 def make_backend(model: nn.Module, config: TrainConfig, dist: DistContext):

@@ -23,7 +23,7 @@ class ModelConfig:
     path: str = "tiny"
     tiny_overrides: dict = field(default_factory=dict)  # Qwen3Config fields for the built tiny model
     dtype: Literal["float32", "bfloat16"] = "float32"
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     gradient_checkpointing: bool = False
     use_reference: bool = False  # a frozen copy of the initial policy for the KL term
 
@@ -65,10 +65,21 @@ class ActorConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_steps: int = 0
     grad_clip: float = 1.0
-    ppo_epochs: int = 1  # updates per batch; > 1 computes old log-probs with a trainer forward
+    ppo_epochs: int = 1  # passes over the batch's mini-batches; > 1 computes old log-probs with a trainer forward
+    # verl's name and meaning: base prompts per optimizer step (each with its rollout.n responses); the correction
+    # groups are dealt evenly over the train_batch_size / ppo_mini_batch_size mini-batches. None: the whole batch.
+    ppo_mini_batch_size: Optional[int] = None
     micro_batch_tokens: int = 4096  # token budget of one forward/backward
     adv_estimator: Literal["grpo", "drgrpo", "rloo"] = "grpo"
     fused_loss: bool = True  # False: materialise the logits (for comparisons only)
+    # Long contexts (docs/LONG_CONTEXT.md). shared_prefix: sequences with identical prompts share one copy of it in
+    # the forward (sdpa/eager/flex_attention). tiled_mlp: DeepSpeed's TiledMLP, the MLP over sequence slices
+    # (tiled_mlp_shards of them; 0: ceil(tokens / hidden_size)). checkpoint_offload: DeepSpeed's offload of the
+    # checkpointed layer inputs to host memory (needs model.gradient_checkpointing; acts on GPU tensors only).
+    shared_prefix: bool = False
+    tiled_mlp: bool = False
+    tiled_mlp_shards: int = 0
+    checkpoint_offload: bool = False
     strategy: Literal["torch", "deepspeed"] = "torch"  # deepspeed: ZeRO data parallelism (the `deepspeed` section)
     loss: dict = field(default_factory=dict)
 
@@ -161,12 +172,34 @@ class TrainConfig:
             (self.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage must be 0, 1, 2 or 3"),
             (not self.deepspeed.offload_param or self.deepspeed.zero_stage == 3,
              "deepspeed.offload_param needs deepspeed.zero_stage: 3 (only ZeRO-3 partitions the weights)"),
+            (not self.actor.shared_prefix or self.model.attn_implementation != "flash_attention_2",
+             "actor.shared_prefix needs model.attn_implementation sdpa, eager or flex_attention (flash-attn varlen "
+             "cannot express a shared prefix)"),
+            (self.actor.tiled_mlp_shards >= 0, "actor.tiled_mlp_shards must be >= 0 (0: automatic)"),
+            (not self.actor.checkpoint_offload or self.model.gradient_checkpointing,
+             "actor.checkpoint_offload needs model.gradient_checkpointing: true (it offloads the checkpointed "
+             "layer inputs)"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         self.actor.loss_config(self.rollout.temperature)
-        self.cipo_config()
+        self._check_mini_batch(self.cipo_config().train_batch_size)
+
+    def _check_mini_batch(self, train_batch_size: int) -> None:
+        """``actor.ppo_mini_batch_size`` must split ``algorithm.train_batch_size`` into whole mini-batches (verl
+        asserts the same), so every optimizer step sees as many prompts."""
+        size = self.actor.ppo_mini_batch_size
+        if size is None:
+            return
+        if size < 1:
+            raise ConfigError(f"actor.ppo_mini_batch_size must be >= 1 (base prompts per optimizer step) or null "
+                              f"(the whole batch); got {size!r}")
+        if train_batch_size % size:
+            divisors = [d for d in range(1, train_batch_size + 1) if train_batch_size % d == 0]
+            raise ConfigError(f"actor.ppo_mini_batch_size={size} does not divide algorithm.train_batch_size="
+                              f"{train_batch_size}; set it to one of {divisors} (or null for one update per "
+                              "batch)")
 
 
 def load_config(path: Optional[Union[str, Path]], overrides: Optional[list[str]] = None) -> TrainConfig:

@@ -27,7 +27,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import yaml
@@ -47,6 +47,7 @@ from ..algorithm import (
     step_advantages,
 )
 from ..config import PolicyLossConfig
+from ..evaluation import correction_prompt_ids
 from ..packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
 from ..rollout import RolloutBatch, SamplingConfig, make_engine, vllm_available
 from ..warmstart import chat_prompt_ids
@@ -54,10 +55,11 @@ from .backend import PolicyModule, export_hf, make_backend
 from .checkpoint import atomic_write_text, checkpoint_path, latest_checkpoint, publish_checkpoint
 from .config import TrainConfig, config_to_dict
 from .config_io import ConfigError
-from .distributed import balanced_partition, init_distributed
+from .distributed import balanced_partition, init_distributed, shard_bounds
 from .forward import lm_head_weight
 from .prompt_stream import PromptStream
 from .scoring import RewardScorer
+from .shared_prefix import shared_prefix_micro_batches
 
 EVAL_SEED_OFFSET = 7_777_777
 EVAL_SAMPLES_PER_PROMPT = 4
@@ -144,6 +146,11 @@ class CIPOTrainer:
         if self.dist.world_size > self.alg.train_batch_size:
             raise ConfigError(f"algorithm.train_batch_size={self.alg.train_batch_size} is smaller than the "
                              f"{self.dist.world_size} ranks: every rank needs at least one prompt group")
+        mini = config.actor.ppo_mini_batch_size
+        if mini is not None and self.dist.world_size > mini:
+            raise ConfigError(f"actor.ppo_mini_batch_size={mini} is smaller than the {self.dist.world_size} ranks: "
+                              "every rank needs at least one prompt group of each mini-batch; set it to >= "
+                              f"{self.dist.world_size}")
         if config.trainer.num_threads > 0:
             torch.set_num_threads(config.trainer.num_threads)
         self.step = 0
@@ -409,6 +416,9 @@ class CIPOTrainer:
         advantages = step_advantages(batch, alg, regression=regression, estimator=self.cfg.actor.adv_estimator)
         self.engine.sleep()  # vLLM on GPU: hand its memory to the update (wakes on the weight push)
         self._update_policy(batch, advantages, m)
+        # tokens through the policy's decoder in this update (all passes) vs the plain packed batches' (shared prefix)
+        forwarded, packed = self.dist.all_reduce(list(self.backend.module.pop_token_counts()))
+        m.set(**{"batch/tokens_forward": forwarded, "batch/tokens_forward_unshared": packed})
         self.engine.update_weights(self.backend.full_named_weights())
         t_end = time.perf_counter()
         m.set(**{"time/rollout_base": t_base - t0, "time/rollout_corr": t_corr - t_base,
@@ -420,55 +430,78 @@ class CIPOTrainer:
         return m.values
 
     def _update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: StepMetrics) -> None:
-        """``ppo_epochs`` optimizer steps on this rank's groups of the packed step, micro-batched by token
-        budget; the loss of each update is normalised over the whole step (global per-stream token or sequence
-        counts), so the ranks' gradients sum to the gradient of the step's loss."""
-        actor = self.cfg.actor
-        normalizers = _stream_normalizers(batch, self.loss_cfg.loss_agg_mode)
-        owned = self._owned_rows(batch)
-        local, local_adv = batch.select(owned), advantages[owned]
-        micro = self._micro_batches(local)
-        if actor.ppo_epochs > 1:
-            local.old_logp = self._logp(self.backend.forward, local, micro)  # the policy before the first update
-        else:
-            local.old_logp = None  # on-policy: the loss uses its own log-probs, detached (ratio exactly 1)
-        if self.ref_model is not None:
-            local.ref_logp = self._logp(self.ref_model, local, micro)
-        kwargs = dict(fused=actor.fused_loss, lambda_corr=self.alg.lambda_corr, base_normalizer=normalizers[0],
-                      corr_normalizer=normalizers[1])
-        for _ in range(actor.ppo_epochs):
-            self.backend.zero_grad()
-            part, total = StepMetrics(), 0.0
-            for k, rows in enumerate(micro):
-                sub_rows = rows if rows is not None else [0]
-                sub = local.select(sub_rows)
-                loss, metrics = self.backend.forward(sub, self.loss_cfg, advantages=local_adv[sub_rows], **kwargs)
-                if rows is None:
-                    loss = loss * 0.0  # a padding micro-batch: keeps ZeRO's collectives in step, adds nothing
-                self.backend.backward(loss, last=k == len(micro) - 1)
-                if rows is not None:
-                    total += float(loss.detach())
-                    part.add_loss_metrics(metrics, weight=float(sub.loss_mask.sum()))
-            grad_norm = self.backend.step()
-            m.merge_loss_parts(self.dist.all_gather_object(part.loss_part()))
-            loss_sum, padding = self.dist.all_reduce([total, micro.count(None)])
-            # padding: micro-batches run only to keep the ranks in step (0 on one rank; a load-imbalance gauge)
-            m.set(**{"actor/loss": loss_sum, "actor/grad_norm": grad_norm, "actor/padding_micro_batches": padding})
+        """``ppo_epochs`` passes over the step's mini-batches (:func:`mini_batch_rows`; one mini-batch, the whole
+        step, unless ``actor.ppo_mini_batch_size`` is set), one optimizer step per mini-batch.
 
-    def _owned_rows(self, batch: PackedBatch) -> list[int]:
-        """The sequences this rank trains on: whole groups, balanced by tokens over the ranks (all of them on
-        one rank)."""
+        Each mini-batch is split over the ranks by whole groups and micro-batched by token budget; its loss is
+        normalised over the mini-batch (global per-stream token or sequence counts), so the ranks' and
+        micro-batches' gradients sum to the gradient of that mini-batch's loss, as in verl. With more than one
+        optimizer step per step, the old log-probs of every mini-batch come from one no-grad trainer forward
+        before the first step, so the later steps' ratios, clipping and truncated-IS weights are measured against
+        the policy that collected the batch. The step's metrics are means over the updates; with several updates
+        ``actor/last/*`` holds the last update's per-token means (clip fractions, ``approx_kl``)."""
+        actor = self.cfg.actor
+        plans = []
+        for rows in mini_batch_rows(batch, actor.ppo_mini_batch_size):
+            normalizers = _stream_normalizers(batch.select(rows), self.loss_cfg.loss_agg_mode)
+            owned = self._owned_rows(batch, rows)
+            local = batch.select(owned)
+            plans.append(_MiniBatch(local, advantages[owned], self._micro_batches(local), normalizers))
+        updates = actor.ppo_epochs * len(plans)
+        for plan in plans:  # all before the first update
+            if updates > 1:
+                plan.local.old_logp = self._logp(self.backend.forward, plan.local, plan.micro)
+            else:
+                plan.local.old_logp = None  # on-policy: the loss uses its own log-probs, detached (ratio exactly 1)
+            if self.ref_model is not None:
+                plan.local.ref_logp = self._logp(self.ref_model, plan.local, plan.micro)
+        per_update = [self._optimizer_step(plan) for _ in range(actor.ppo_epochs) for plan in plans]
+        m.set(**_mean_over_updates(per_update))
+        if len(per_update) > 1:
+            last = {f"actor/last/{name[len('actor/'):]}": value for name, value in per_update[-1].items()
+                    if name[len("actor/"):] not in ADDITIVE_LOSS_METRICS | UPDATE_METRICS}
+            m.set(**{"actor/updates": len(per_update)}, **last)
+
+    def _optimizer_step(self, plan: "_MiniBatch") -> dict[str, float]:
+        """One optimizer step on this rank's part of a mini-batch; returns the update's metrics over all ranks."""
+        actor = self.cfg.actor
+        kwargs = dict(fused=actor.fused_loss, lambda_corr=self.alg.lambda_corr, base_normalizer=plan.normalizers[0],
+                      corr_normalizer=plan.normalizers[1])
+        self.backend.zero_grad()
+        part, total = StepMetrics(), 0.0
+        for k, rows in enumerate(plan.micro):
+            sub_rows = rows if rows is not None else [0]
+            sub = plan.local.select(sub_rows)
+            loss, metrics = self.backend.forward(sub, self.loss_cfg, advantages=plan.advantages[sub_rows], **kwargs)
+            if rows is None:
+                loss = loss * 0.0  # a padding micro-batch: keeps ZeRO's collectives in step, adds nothing
+            self.backend.backward(loss, last=k == len(plan.micro) - 1)
+            if rows is not None:
+                total += float(loss.detach())
+                part.add_loss_metrics(metrics, weight=float(sub.loss_mask.sum()))
+        grad_norm = self.backend.step()
+        update = StepMetrics()
+        update.merge_loss_parts(self.dist.all_gather_object(part.loss_part()))
+        loss_sum, padding = self.dist.all_reduce([total, plan.micro.count(None)])
+        # padding: micro-batches run only to keep the ranks in step (0 on one rank; a load-imbalance gauge)
+        update.set(**{"actor/loss": loss_sum, "actor/grad_norm": grad_norm, "actor/padding_micro_batches": padding})
+        return update.values
+
+    def _owned_rows(self, batch: PackedBatch, rows: Optional[Sequence[int]] = None) -> list[int]:
+        """The sequences of ``rows`` (default: all) this rank trains on: whole groups, balanced by tokens over the
+        ranks (all of them on one rank)."""
+        rows = list(range(batch.num_seqs)) if rows is None else list(rows)
         if not self.dist.distributed:
-            return list(range(batch.num_seqs))
-        tokens = torch.zeros(int(batch.group_id.max()) + 1, dtype=torch.long).index_add_(
-            0, batch.group_id.cpu(), batch.seq_lens.cpu().long())
-        mine = set(balanced_partition(tokens.tolist(), self.dist.world_size)[self.dist.rank])
-        return [row for row, group in enumerate(batch.group_id.tolist()) if group in mine]
+            return rows
+        return partition_rows(batch, rows, self.dist.world_size)[self.dist.rank]
 
     def _micro_batches(self, local: PackedBatch) -> list[Optional[list[int]]]:
         """The local batch's micro-batches by token budget, padded with ``None`` to the largest count over the
         ranks: ZeRO gathers weights and reduces gradients inside forward/backward, so every rank runs as many."""
-        micro: list[Optional[list[int]]] = list(local.micro_batches(self.cfg.actor.micro_batch_tokens))
+        budget = self.cfg.actor.micro_batch_tokens
+        split = shared_prefix_micro_batches(local, budget) if self.cfg.actor.shared_prefix else \
+            local.micro_batches(budget)  # shared prefix: the budget counts the tokens the forward processes
+        micro: list[Optional[list[int]]] = list(split)
         count = int(self.dist.all_reduce([len(micro)], op="max")[0])
         return micro + [None] * (count - len(micro))
 
@@ -518,9 +551,8 @@ class CIPOTrainer:
             self.history["held_out_failures"] = failures[:MAX_HELD_OUT_FAILURES]
         failures = self.history["held_out_failures"]
         if failures:
-            prompts = [self.alg.template.build(rows[i]["prompt"], text, encode=self._encode, decode=self._decode)
-                       for i, text in failures]
-            corr_ids = [self._prompt_ids(p.messages) for p in prompts]
+            corr_ids = correction_prompt_ids(self.alg.template, rows, failures, self._prompt_ids,
+                                             encode=self._encode, decode=self._decode)
             _, corr_scores = self._sample(corr_ids, [rows[i] for i, _ in failures], EVAL_SAMPLES_PER_PROMPT,
                                           seed + 1)
             result["eval/correction_success"] = _mean([s >= 1.0 for s in corr_scores])
@@ -635,6 +667,78 @@ def materialized_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: 
         batch = copy.copy(batch)
         batch.old_logp = logp.detach()
     return cipo_policy_loss(logp, batch, config, **kwargs)
+
+
+@dataclass
+class _MiniBatch:
+    """This rank's part of one mini-batch, ready for optimizer steps."""
+
+    local: PackedBatch  # this rank's sequences of the mini-batch
+    advantages: torch.Tensor  # [S_local]
+    micro: list[Optional[list[int]]]  # rows of ``local`` per micro-batch; None pads to the ranks' largest count
+    normalizers: tuple[Optional[float], Optional[float]]  # the mini-batch's global per-stream counts
+
+
+# Metrics an update sets besides the loss's own: never copied to ``actor/last/``.
+UPDATE_METRICS = frozenset({"loss", "grad_norm", "padding_micro_batches"})
+
+
+def mini_batch_rows(batch: PackedBatch, mini_batch_size: Optional[int]) -> list[list[int]]:
+    """The rows of each mini-batch of a step, in batch order (the same on every rank).
+
+    ``mini_batch_size`` counts base groups (verl's ``ppo_mini_batch_size``: prompts, each with its responses).
+    The base groups, in batch order, fill ``k = base groups / mini_batch_size`` consecutive mini-batches; the
+    correction groups are dealt over the same ``k`` mini-batches in order, as evenly as whole groups allow (the
+    first ``C mod k`` get one more). So every optimizer step sees both streams in the step's proportion and
+    optimises the same joint objective ``L_base + λ·L_corr``, and no group is split (its advantages and a
+    shared prompt stay together). ``None``, or a size equal to the base group count, gives one mini-batch: the
+    whole step.
+
+    Raises:
+        ValueError: ``mini_batch_size`` < 1, or not dividing the number of base groups.
+    """
+    rows = list(range(batch.num_seqs))
+    if mini_batch_size is None:
+        return [rows]
+    groups = batch.group_id.tolist()
+    streams = batch.stream.tolist()
+    base = list(dict.fromkeys(g for g, s in zip(groups, streams) if s == BASE_STREAM))
+    corr = list(dict.fromkeys(g for g, s in zip(groups, streams) if s == CORRECTION_STREAM))
+    if mini_batch_size < 1 or not base or len(base) % mini_batch_size:
+        raise ValueError(f"actor.ppo_mini_batch_size={mini_batch_size} must be >= 1 and divide the step's "
+                         f"{len(base)} base groups (algorithm.train_batch_size); set it to a divisor of that, or "
+                         "null for one update per batch")
+    count = len(base) // mini_batch_size
+    if count == 1:
+        return [rows]
+    which = {group: index // mini_batch_size for index, group in enumerate(base)}
+    for j in range(count):
+        start, end = shard_bounds(len(corr), count, j)
+        which.update({group: j for group in corr[start:end]})
+    return [[row for row in rows if which[groups[row]] == j] for j in range(count)]
+
+
+def partition_rows(batch: PackedBatch, rows: Sequence[int], world_size: int) -> list[list[int]]:
+    """``rows`` split over ``world_size`` ranks by whole groups, balanced by tokens (:func:`balanced_partition`,
+    deterministic); each rank's rows keep batch order. With ``rows`` the whole step this is the step's split."""
+    groups = batch.group_id.tolist()
+    lengths = batch.seq_lens.tolist()
+    tokens: dict[int, int] = {}
+    for row in rows:
+        tokens[groups[row]] = tokens.get(groups[row], 0) + lengths[row]
+    ids = sorted(tokens)
+    parts = [{ids[i] for i in part} for part in balanced_partition([tokens[g] for g in ids], world_size)]
+    return [[row for row in rows if groups[row] in part] for part in parts]
+
+
+def _mean_over_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
+    """Each metric's mean over the updates that report it (one update: its values, unchanged)."""
+    names = list(dict.fromkeys(name for values in per_update for name in values))
+    out = {}
+    for name in names:
+        values = [u[name] for u in per_update if name in u]
+        out[name] = sum(values[1:], values[0]) / len(values)
+    return out
 
 
 def _stream_normalizers(batch: PackedBatch, mode: str) -> tuple[Optional[float], Optional[float]]:
