@@ -1,5 +1,5 @@
-"""The ``cipo`` command: ``cipo train CONFIG [--set key=value ...] [--resume]``, ``cipo generate`` and
-``cipo export``."""
+"""The ``cipo`` command: ``cipo train CONFIG [--set key=value ...] [--resume]``, ``cipo generate``, ``cipo export``
+and ``cipo eval`` (pass@k, correction success and regression rate of a run on a held-out set)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import DEFAULT_N, evaluate_run, parse_ks
+
+    n = args.n if args.n is not None else DEFAULT_N
+    ks = parse_ks(args.k, n)  # before loading anything: a bad -k fails at once
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else run_dir / ("eval" if args.step is None else f"eval_step{args.step}")
+    result = evaluate_run(run_dir, step=args.step, data=args.data, n=n, ks=ks, engine=args.engine, seed=args.seed,
+                          out=out, prompts=args.prompts, attempts_per_prompt=args.attempts_per_prompt,
+                          refinements=args.refinements, temperature=args.temperature, progress=not args.quiet)
+    shown = {key: value for key, value in result.items() if key != "correct_counts"}
+    print(json.dumps(shown, indent=2, sort_keys=True))
+    print(f"eval: {(out / 'eval.json').resolve()} and {(out / 'pass_at_k.png').resolve()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cipo", description="Correction-Oriented Policy Optimization")
     # The `deepspeed` launcher passes --local_rank=N to every process (LOCAL_RANK in the environment says the same).
@@ -87,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the latest)")
     export.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf_model[_stepN])")
     export.set_defaults(func=_export)
+    ev = sub.add_parser("eval", help="held-out accuracy, pass@k, correction success and regression rate of a run")
+    ev.add_argument("--run-dir", required=True, help="a `cipo train` run directory")
+    ev.add_argument("--step", type=int, default=None,
+                    help="checkpoint step to evaluate (default: the final hf_model/; 0: the initial policy)")
+    ev.add_argument("--data", default=None,
+                    help="JSONL/parquet in verl's columns (default: the run's synthetic held-out split)")
+    ev.add_argument("-n", type=int, default=None, help="samples per prompt (default 16)")
+    ev.add_argument("-k", default="1,2,4,8,16", help="comma-separated k of pass@k, each <= n (default 1,2,4,8,16)")
+    ev.add_argument("--engine", choices=("auto", "vllm", "hf"), default="auto")
+    ev.add_argument("--out", default=None, help="output directory (default: RUN_DIR/eval or RUN_DIR/eval_stepN)")
+    ev.add_argument("--prompts", type=int, default=None,
+                    help="use the first P prompts (synthetic default: the run's data.synthetic_val_size)")
+    ev.add_argument("--attempts-per-prompt", type=int, default=None,
+                    help="attempts per prompt given to the correction pass (default min(4, n); 0: skip it)")
+    ev.add_argument("--refinements", type=int, default=4, help="refinements sampled per correction prompt")
+    ev.add_argument("--temperature", type=float, default=None, help="default: the run's rollout.temperature")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=_eval)
     return parser
 
 
@@ -96,12 +131,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # vLLM logs every weight reload at INFO; the progress bar is what a user wants to read.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from .data.dataset import DatasetError
+    from .evaluation import EvalError
     from .trainer.config_io import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, EvalError, FileNotFoundError) as exc:
         print(f"cipo: error: {exc}", file=sys.stderr)
         return 2
 
