@@ -89,8 +89,8 @@ def correction_batch(context: int, rollouts: int, vocab: int, device: torch.devi
 
 def make_step(model: torch.nn.Module, batch: PackedBatch, fused: bool):
     from cipo.advantages import group_advantages
+    from cipo.trainer.backend import materialized_policy_loss
     from cipo.trainer.forward import lm_head_weight, packed_hidden_states
-    from cipo.trainer.trainer import materialized_policy_loss
 
     weight = lm_head_weight(model)
     adv = group_advantages(batch.reward, batch.group_id)

@@ -60,9 +60,23 @@ class FusedHead(nn.Module):
             from ..fused_loss import fused_linear_policy_loss
 
             return fused_linear_policy_loss(hidden, weight, batch, loss_cfg, **loss_kwargs)
-        from .trainer import materialized_policy_loss
-
         return materialized_policy_loss(hidden, weight, batch, loss_cfg, **loss_kwargs)
+
+
+def materialized_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch,
+                             config: PolicyLossConfig, **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """The unfused path (``actor.fused_loss: false``): the full fp32 logits ``[n, V]``, log-softmax, gather — the
+    one materialised reference, :func:`cipo.kernels.linear_logprob_ref.linear_logprob_reference` (what verl does
+    by default) — then :func:`cipo.cipo_policy_loss`. For comparisons only: it is exactly the memory the fused
+    loss exists to avoid."""
+    from ..kernels.linear_logprob_ref import linear_logprob_reference
+    from ..loss import cipo_policy_loss
+
+    logp = linear_logprob_reference(hidden.float(), weight.float(), batch.targets, config.temperature)
+    if batch.old_logp is None:
+        batch = copy.copy(batch)
+        batch.old_logp = logp.detach()
+    return cipo_policy_loss(logp, batch, config, **kwargs)
 
 
 class PolicyModule(nn.Module):

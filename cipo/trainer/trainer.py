@@ -13,6 +13,10 @@ The run directory holds ``metrics.jsonl`` (one line per step), ``curves.png``, `
 ``config.yaml``, the initial model (``init_model/``, what the engine loads), ``checkpoints/`` and the final
 policy as an HF model (``hf_model/``).
 
+The constructor builds the run from :mod:`cipo.trainer.setup` (data, policy, reference model, rollout engine) and
+:mod:`cipo.trainer.backend` (optimizer, packed forward + loss); :meth:`CIPOTrainer.train_step` reads top-down:
+base stream (sample, score) → :meth:`CIPOTrainer._correction_stream` → assemble → update → push weights → metrics.
+
 Under a launcher (``torchrun``/``deepspeed``, ``actor.strategy: deepspeed``) every rank runs this same loop:
 generation is split by prompts and gathered, so all ranks hold the whole step and take the same decisions;
 training is split by whole groups (:mod:`cipo.trainer.distributed`); rank 0 writes the run directory.
@@ -20,7 +24,6 @@ training is split by whole groups (:mod:`cipo.trainer.distributed`); rank 0 writ
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -49,27 +52,31 @@ from ..algorithm import (
 from ..config import PolicyLossConfig
 from ..evaluation import correction_prompt_ids
 from ..packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
-from ..rollout import RolloutBatch, SamplingConfig, make_engine, vllm_available
+from ..rollout import RolloutBatch
 from ..warmstart import chat_prompt_ids
-from .backend import PolicyModule, export_hf, make_backend
+from .backend import export_hf, make_backend
 from .checkpoint import atomic_write_text, checkpoint_path, latest_checkpoint, publish_checkpoint
 from .config import TrainConfig, config_to_dict
 from .config_io import ConfigError
 from .distributed import balanced_partition, init_distributed, shard_bounds
-from .forward import lm_head_weight
 from .prompt_stream import PromptStream
 from .scoring import RewardScorer
+from .setup import (
+    all_synthetic,
+    decoder,
+    encoder,
+    load_data,
+    load_policy,
+    make_rollout_engine,
+    reference_model,
+    resolve_device,
+    sampling_config,
+)
 from .shared_prefix import shared_prefix_micro_batches
 
 EVAL_SEED_OFFSET = 7_777_777
 EVAL_SAMPLES_PER_PROMPT = 4
 MAX_HELD_OUT_FAILURES = 64
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def step_seed(seed: int, step: int, phase: int) -> int:
@@ -154,170 +161,29 @@ class CIPOTrainer:
         if config.trainer.num_threads > 0:
             torch.set_num_threads(config.trainer.num_threads)
         self.step = 0
-        self.history: dict[str, Any] = {}
         torch.manual_seed(config.trainer.seed)
 
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
-        self.train_rows, self.val_rows = self._load_data()
-        self.model, self.tokenizer, self.init_dir = self._load_policy(fresh=checkpoint is None)
-        self.ref_model = self._reference_model()
+        self.train_rows, self.val_rows = load_data(config)
+        self.model, self.tokenizer, self.init_dir, self.history = load_policy(
+            config, self.alg, self.run_dir, self.device, self.dist, self.train_rows, fresh=checkpoint is None)
+        self.ref_model = reference_model(config, self.loss_cfg, self.model, self.init_dir, self.device)
         self.backend = make_backend(self.model, config, self.dist)
         self.stream = PromptStream(self.train_rows, seed=config.trainer.seed, shuffle=config.data.shuffle)
         self.tracker = PassRateTracker(ema_decay=self.alg.pass_rate_ema_decay)
         self.controller = ReplayController.from_config(self.alg)
         self.pool = TrajectoryPool.from_config(self.alg)
         self.selector = DifficultySelector.from_config(self.alg)
-        self.scorer = RewardScorer(workers=0 if self._all_synthetic() else 2)
-        self.engine = self._make_engine()
+        self.scorer = RewardScorer(workers=0 if all_synthetic(config) else 2)
+        self.engine = make_rollout_engine(config, self.device, self.init_dir)
         if checkpoint is not None:
             self._restore(checkpoint)
             self.engine.update_weights(self.backend.full_named_weights())
         if self.dist.is_main:
             atomic_write_text(self.run_dir / "config.yaml",
                               yaml.safe_dump(config_to_dict(config), sort_keys=False))
-
-    # ------------------------------------------------------------------------------------------- setup
-
-    def _all_synthetic(self) -> bool:
-        return not self.cfg.data.train_files and not self.cfg.data.val_files
-
-    def _load_data(self) -> tuple[list[dict], list[dict]]:
-        from ..data import synthetic
-
-        data = self.cfg.data
-        if self._all_synthetic():
-            return synthetic.make_splits(data.synthetic_train_size, data.synthetic_val_size, seed=self.cfg.trainer.seed,
-                                         difficulty=data.synthetic_difficulty or None)
-        from ..data.dataset import load_dataset
-
-        train = [row for path in data.train_files for row in load_dataset(path)]
-        val = [row for path in data.val_files for row in load_dataset(path)]
-        return train, val
-
-    def _load_policy(self, fresh: bool):
-        """The policy (HF model), its tokenizer, and the directory the engine loads (the initial weights)."""
-        from transformers import AutoTokenizer
-
-        model_cfg = self.cfg.model
-        init_dir = self.run_dir / "init_model"
-        if model_cfg.path == "tiny":
-            # Rank 0 builds (and warm-starts) the tiny model; the others wait, then load what it saved.
-            if self.dist.is_main and (fresh or not (init_dir / "config.json").exists()):
-                self._build_tiny(init_dir)
-            self.history = self.dist.broadcast_object(self.history)
-            source = init_dir
-        else:
-            source = Path(model_cfg.path)
-            if not (source / "config.json").exists():
-                raise FileNotFoundError(f"model.path={model_cfg.path!r} is not a local HF model directory (no "
-                                        "config.json); cipo loads models from disk only")
-            init_dir = source
-        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
-        model = self._from_pretrained(source)
-        if model_cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        model.train()
-        return model, tokenizer, init_dir
-
-    def _zero3(self) -> bool:
-        return self.cfg.actor.strategy == "deepspeed" and self.cfg.deepspeed.zero_stage == 3
-
-    def _from_pretrained(self, source: Path) -> torch.nn.Module:
-        """The HF model from ``source``; under ZeRO-3 each rank loads only its partition of the weights."""
-        from transformers import AutoModelForCausalLM
-
-        model_cfg = self.cfg.model
-        kwargs = dict(dtype=getattr(torch, model_cfg.dtype), local_files_only=True,
-                      attn_implementation=model_cfg.attn_implementation)
-        if not self._zero3():
-            return AutoModelForCausalLM.from_pretrained(str(source), **kwargs).to(self.device)
-        from transformers.integrations import HfDeepSpeedConfig
-
-        from .backend import deepspeed_config
-
-        marker = HfDeepSpeedConfig(deepspeed_config(self.cfg))  # noqa: F841 - alive while loading: zero.Init
-        return AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
-
-    def _build_tiny(self, init_dir: Path) -> None:
-        """Build the tiny model and tokenizer in code, warm-start them on the synthetic task, save."""
-        from ..models.tiny import build_tiny_model, build_tiny_tokenizer
-        from ..warmstart import AccuracyStopper, warm_start
-
-        tokenizer = build_tiny_tokenizer(init_dir)
-        model = build_tiny_model(init_dir, tokenizer, seed=self.cfg.trainer.seed, **self.cfg.model.tiny_overrides)
-        ws = self.cfg.warmstart
-        if ws.max_steps > 0:
-            # The stopper samples from the saved random init, then from pushed weights; its engine is closed
-            # before the trainer's own engine starts on the warm weights.
-            # Only rank 0 warm-starts: a vLLM engine would join the other ranks' process group, so use HF there.
-            engine = self._make_engine(init_dir, kind="hf" if self.dist.distributed else None)
-            template = self.alg.template
-
-            def correction_messages(prompt, attempt):
-                return template.build(prompt, attempt, encode=self._encoder(tokenizer),
-                                      decode=self._decoder(tokenizer)).messages
-
-            # Stop on prompts the warm start does not train on; the eval set stays unseen until evaluation.
-            sft_rows, check_rows = self.train_rows[:-ws.check_prompts], self.train_rows[-ws.check_prompts:]
-            stopper = AccuracyStopper(model, engine, tokenizer, check_rows, target=ws.target_accuracy,
-                                      every=ws.check_every, sampling=self._sampling(self.cfg.trainer.seed))
-            try:
-                result = warm_start(model, tokenizer, sft_rows, steps=ws.max_steps, lr=ws.lr,
-                                    seed=self.cfg.trainer.seed, batch_size=ws.batch_size,
-                                    correction_builder=correction_messages,
-                                    correction_fraction=ws.correction_fraction,
-                                    progress=self.cfg.trainer.progress, on_step=stopper)
-            finally:
-                engine.close()
-            self.history["warmstart"] = {"steps": result.steps, "seconds": result.seconds,
-                                         "final_loss": result.losses[-1] if result.losses else None,
-                                         "checks": stopper.history}
-        model.save_pretrained(str(init_dir))
-
-    def _reference_model(self) -> Optional[Any]:
-        """The frozen initial policy for the KL term, as a callable ``PolicyModule`` (None without KL).
-
-        Under ZeRO-3 it is loaded partitioned and wrapped by an optimizer-less DeepSpeed engine; otherwise it is
-        a copy on every rank."""
-        if not (self.cfg.model.use_reference or self.loss_cfg.kl_coef > 0):
-            return None
-        if self._zero3():
-            import deepspeed
-
-            from .backend import deepspeed_config
-
-            module = PolicyModule(self._from_pretrained(self.init_dir).eval())
-            deepspeed.zero.register_external_parameter(module.head, lm_head_weight(module.policy))
-            config = {k: v for k, v in deepspeed_config(self.cfg).items()
-                      if k not in ("optimizer", "gradient_clipping")}
-            engine, *_ = deepspeed.initialize(model=module, config=config)
-            engine.eval()
-            return engine
-        ref = copy.deepcopy(self.model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return PolicyModule(ref)
-
-    def _make_engine(self, model_dir: Optional[Path] = None, kind: Optional[str] = None):
-        kind = kind or self.cfg.rollout.engine
-        if kind == "auto":
-            kind = "vllm" if vllm_available() else "hf"
-        if kind == "vllm":
-            kwargs = {"seed": self.cfg.trainer.seed, "dtype": self.cfg.model.dtype}
-            if self.device.type == "cuda":
-                kwargs["gpu_memory_utilization"] = self.cfg.rollout.gpu_memory_utilization
-                kwargs["sleep_mode"] = self.cfg.rollout.free_cache_engine
-        else:
-            kwargs = {"device": self.device, "dtype": getattr(torch, self.cfg.model.dtype)}
-        return make_engine(kind, model_dir or self.init_dir, **kwargs)
-
-    def _sampling(self, seed: int, n_tokens: Optional[int] = None) -> SamplingConfig:
-        r = self.cfg.rollout
-        return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_tokens=n_tokens or r.max_response_length, seed=seed)
 
     # ------------------------------------------------------------------------------------------- rollouts
 
@@ -339,14 +205,14 @@ class CIPOTrainer:
         start, end = self.dist.shard(len(prompts))
         local: tuple[list, ...] = ([], [], [], [], [])
         if end > start:
-            out = self.engine.generate(prompts[start:end], n=n, sampling=self._sampling(seed + start))
+            out = self.engine.generate(prompts[start:end], n=n, sampling=sampling_config(self.cfg, seed + start))
             scores = self.scorer.score([rows[start + k // n] for k in range(len(out))], out.texts)
             if not self.dist.distributed:
                 return out, scores
             local = (out.token_ids, out.texts, out.logprobs, out.finish_reasons, scores)
         parts = self.dist.all_gather_object(local)
         token_ids, texts, logprobs, finish, scores = ([x for part in parts for x in part[i]] for i in range(5))
-        return RolloutBatch(prompts, n, token_ids, texts, logprobs, finish, self._sampling(seed)), scores
+        return RolloutBatch(prompts, n, token_ids, texts, logprobs, finish, sampling_config(self.cfg, seed)), scores
 
     def _groups(self, prompt_ids: list[list[int]], out: RolloutBatch, scores: list[float], *, prompt_keys: list[Any],
                 conditioning: Optional[list[bool]] = None) -> list[RolloutGroup]:
@@ -366,54 +232,14 @@ class CIPOTrainer:
         """One CIPO step; returns its metrics."""
         t0 = time.perf_counter()
         m = StepMetrics()
-        alg, step = self.alg, self.step
-        picked = self.stream.next_batch(alg.train_batch_size)
-        rows = [row for _, row in picked]
-        keys = [index for index, _ in picked]
-        prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
-        base_out, base_scores = self._sample(prompt_ids, rows, alg.rollouts_per_prompt,
-                                             step_seed(self.cfg.trainer.seed, step, 0))
-        base_groups = self._groups(prompt_ids, base_out, base_scores, prompt_keys=keys)
-        results = [PromptResult(prompt_id=key, prompt=row["prompt"],
-                                trajectories=[Trajectory(correct=r.correct, text=text) for r, text in
-                                              zip(group.rollouts, base_out.texts[base_out.group(i)])])
-                   for i, (key, row, group) in enumerate(zip(keys, rows, base_groups))]
-        self.tracker.update({r.prompt_id: [t.correct for t in r.trajectories] for r in results}, step)
-        m.set(**{"base/reward": _mean(base_scores), "base/accuracy": _mean([s >= 1.0 for s in base_scores]),
-                 "base/response_length": _mean([len(t) for t in base_out.token_ids])})
+        base_groups, results = self._base_stream(self.step, m)
         t_base = time.perf_counter()
-
-        corr_groups: list[RolloutGroup] = []
-        regression = None
-        if alg.correction_active:
-            candidates = self.pool.candidates(results, step)
-            selection = self.selector.select(candidates, alg.correction_batch_size, self.controller.rho, step,
-                                             pass_rates=self.tracker.pass_rates(alg.pass_rate_source))
-            m.update("", selection.metrics())
-            if selection.picks:
-                corr_prompts = build_correction_prompts(selection, candidates, alg.template,
-                                                        encode=self._encode, decode=self._decode)
-                corr_ids = [self._prompt_ids(p.messages) for p in corr_prompts]
-                corr_rows = [self.train_rows[p.prompt_id] for p in selection.picks]  # prompt ids index the set
-                corr_out, corr_scores = self._sample(corr_ids, corr_rows, alg.correction_rollouts,
-                                                     step_seed(self.cfg.trainer.seed, step, 1))
-                corr_groups = self._groups(corr_ids, corr_out, corr_scores,
-                                           prompt_keys=[p.prompt_id for p in selection.picks],
-                                           conditioning=[p.was_correct for p in selection.picks])
-                corr_groups, shaping = shape_correction_groups(corr_groups, alg)
-                regression = shaping.regression
-                decision = self.controller.update(shaping.counts["correct_to_correct"],
-                                                  shaping.counts["correct_to_correct"]
-                                                  + shaping.counts["correct_to_incorrect"])
-                m.update("", shaping.metrics())
-                m.update("", decision.metrics())
-                m.set(**{"corr/success": _mean([s >= 1.0 for s in corr_scores]),
-                         "corr/prompt_length": _mean([len(p) for p in corr_ids])})
+        corr_groups, regression = self._correction_stream(results, self.step, m)
         m.set(**{"replay/rho": self.controller.rho})
         t_corr = time.perf_counter()
 
-        batch = assemble_step(base_groups, corr_groups, alg, device=self.device)
-        advantages = step_advantages(batch, alg, regression=regression, estimator=self.cfg.actor.adv_estimator)
+        batch = assemble_step(base_groups, corr_groups, self.alg, device=self.device)
+        advantages = step_advantages(batch, self.alg, regression=regression, estimator=self.cfg.actor.adv_estimator)
         self.engine.sleep()  # vLLM on GPU: hand its memory to the update (wakes on the weight push)
         self._update_policy(batch, advantages, m)
         # tokens through the policy's decoder in this update (all passes) vs the plain packed batches' (shared prefix)
@@ -428,6 +254,59 @@ class CIPOTrainer:
         self.step += 1
         m.set(step=self.step)
         return m.values
+
+    def _base_stream(self, step: int, m: StepMetrics) -> tuple[list[RolloutGroup], list[PromptResult]]:
+        """The next prompts, ``rollouts_per_prompt`` scored samples each; updates the pass-rate tracker. Returns
+        the base groups and, per prompt, its attempts (what the correction stream picks from)."""
+        picked = self.stream.next_batch(self.alg.train_batch_size)
+        rows = [row for _, row in picked]
+        keys = [index for index, _ in picked]
+        prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
+        base_out, base_scores = self._sample(prompt_ids, rows, self.alg.rollouts_per_prompt,
+                                             step_seed(self.cfg.trainer.seed, step, 0))
+        base_groups = self._groups(prompt_ids, base_out, base_scores, prompt_keys=keys)
+        results = [PromptResult(prompt_id=key, prompt=row["prompt"],
+                                trajectories=[Trajectory(correct=r.correct, text=text) for r, text in
+                                              zip(group.rollouts, base_out.texts[base_out.group(i)])])
+                   for i, (key, row, group) in enumerate(zip(keys, rows, base_groups))]
+        self.tracker.update({r.prompt_id: [t.correct for t in r.trajectories] for r in results}, step)
+        m.set(**{"base/reward": _mean(base_scores), "base/accuracy": _mean([s >= 1.0 for s in base_scores]),
+                 "base/response_length": _mean([len(t) for t in base_out.token_ids])})
+        return base_groups, results
+
+    def _correction_stream(self, results: list[PromptResult], step: int,
+                           m: StepMetrics) -> tuple[list[RolloutGroup], Optional[list[bool]]]:
+        """The correction stream of a step (DESIGN §2): pick attempts from this step's results and the replay pool
+        (selector, ρ), build the correction prompts, sample ``correction_rollouts`` each and score them, shape
+        their rewards and update the replay controller. Returns the shaped correction groups and their regression
+        flags for the advantages (``[]`` and None when the stream is off or picks nothing)."""
+        alg = self.alg
+        if not alg.correction_active:
+            return [], None
+        candidates = self.pool.candidates(results, step)
+        selection = self.selector.select(candidates, alg.correction_batch_size, self.controller.rho, step,
+                                         pass_rates=self.tracker.pass_rates(alg.pass_rate_source))
+        m.update("", selection.metrics())
+        if not selection.picks:
+            return [], None
+        corr_prompts = build_correction_prompts(selection, candidates, alg.template,
+                                                encode=self._encode, decode=self._decode)
+        corr_ids = [self._prompt_ids(p.messages) for p in corr_prompts]
+        corr_rows = [self.train_rows[p.prompt_id] for p in selection.picks]  # prompt ids index the set
+        corr_out, corr_scores = self._sample(corr_ids, corr_rows, alg.correction_rollouts,
+                                             step_seed(self.cfg.trainer.seed, step, 1))
+        corr_groups = self._groups(corr_ids, corr_out, corr_scores,
+                                   prompt_keys=[p.prompt_id for p in selection.picks],
+                                   conditioning=[p.was_correct for p in selection.picks])
+        corr_groups, shaping = shape_correction_groups(corr_groups, alg)
+        decision = self.controller.update(shaping.counts["correct_to_correct"],
+                                          shaping.counts["correct_to_correct"]
+                                          + shaping.counts["correct_to_incorrect"])
+        m.update("", shaping.metrics())
+        m.update("", decision.metrics())
+        m.set(**{"corr/success": _mean([s >= 1.0 for s in corr_scores]),
+                 "corr/prompt_length": _mean([len(p) for p in corr_ids])})
+        return corr_groups, shaping.regression
 
     def _update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: StepMetrics) -> None:
         """``ppo_epochs`` passes over the step's mini-batches (:func:`mini_batch_rows`; one mini-batch, the whole
@@ -521,19 +400,11 @@ class CIPOTrainer:
 
     # ------------------------------------------------------------------------------------------- evaluation
 
-    @staticmethod
-    def _encoder(tokenizer):
-        return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    @staticmethod
-    def _decoder(tokenizer):
-        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-
     def _encode(self, text: str) -> list[int]:
-        return self._encoder(self.tokenizer)(text)
+        return encoder(self.tokenizer)(text)
 
     def _decode(self, ids: list[int]) -> str:
-        return self._decoder(self.tokenizer)(ids)
+        return decoder(self.tokenizer)(ids)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy (``EVAL_SAMPLES_PER_PROMPT`` samples per prompt at the rollout temperature) and
@@ -652,21 +523,6 @@ class CIPOTrainer:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def materialized_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch,
-                             config: PolicyLossConfig, **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    """The unfused path: full fp32 logits ``[n, V]``, log-softmax, gather (what verl does by default). For
-    comparisons only — it is exactly the memory the fused loss exists to avoid."""
-    from ..loss import cipo_policy_loss
-
-    logits = (hidden.float() @ weight.float().t()) / config.temperature
-    safe_targets = batch.targets.clamp(min=0)
-    logp = torch.log_softmax(logits, dim=-1).gather(1, safe_targets[:, None])[:, 0]
-    if batch.old_logp is None:
-        batch = copy.copy(batch)
-        batch.old_logp = logp.detach()
-    return cipo_policy_loss(logp, batch, config, **kwargs)
 
 
 @dataclass
