@@ -39,3 +39,47 @@ def test_packed_equals_per_sequence(model, attn: str):
 def test_shape_errors(model):
     with pytest.raises(ValueError, match=r"must both be \[N\]"):
         packed_hidden_states(model, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+
+
+def _two_stream_batch(vocab: int) -> PackedBatch:
+    from cipo import CORRECTION_STREAM
+
+    g = torch.Generator().manual_seed(2)
+    seqs = [SequenceSample(torch.randint(0, vocab, (p,), generator=g).tolist(),
+                           torch.randint(0, vocab, (r,), generator=g).tolist(), float(k % 2), group,
+                           stream=CORRECTION_STREAM if group else 0)
+            for k, (p, r, group) in enumerate([(3, 5, 0), (2, 4, 0), (4, 3, 1), (4, 6, 1)])]
+    return PackedBatch.from_sequences(seqs)
+
+
+def test_unfused_path_is_the_materialised_reference_and_agrees_with_the_fused_loss(model):
+    """``actor.fused_loss: false``: ``materialized_policy_loss`` is the fp32 logits → log-softmax → gather written
+    out (bit for bit, ignored rows aside, which the loss masks), and agrees with the fused loss."""
+    from cipo import PolicyLossConfig, cipo_policy_loss
+    from cipo.trainer.backend import PolicyModule
+
+    batch = _two_stream_batch(model.config.vocab_size)
+    cfg = PolicyLossConfig(temperature=0.7, kl_coef=0.1)
+    module = PolicyModule(model)
+    with torch.no_grad():
+        batch.ref_logp = module(batch, cfg, logp_only=True) - 0.01 * batch.loss_mask.float()
+    runs = {}
+    for name in ("fused", "unfused", "written_out"):
+        model.zero_grad(set_to_none=True)
+        if name == "written_out":
+            hidden = packed_hidden_states(model, batch.input_ids, batch.position_ids)
+            logits = (hidden.float() @ lm_head_weight(model).float().t()) / cfg.temperature
+            logp = torch.log_softmax(logits, dim=-1).gather(1, batch.targets.clamp(min=0)[:, None])[:, 0]
+            batch.old_logp = logp.detach()
+            loss, _ = cipo_policy_loss(logp, batch, cfg, lambda_corr=0.5)
+            batch.old_logp = None
+        else:
+            loss, _ = module(batch, cfg, fused=name == "fused", lambda_corr=0.5)
+        loss.backward()
+        runs[name] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    assert torch.equal(runs["unfused"][0], runs["written_out"][0])
+    for a, b in zip(runs["unfused"][1], runs["written_out"][1]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(runs["fused"][0], runs["unfused"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(runs["fused"][1], runs["unfused"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
