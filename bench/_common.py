@@ -235,6 +235,19 @@ def is_oom(exc: BaseException) -> bool:
     return "out of memory" in text.lower() or "CUDA error: out of memory" in text
 
 
+def failure_status(exc: BaseException, row: dict[str, Any], traceback_limit: int = 0) -> None:
+    """Mark a benchmark row that raised: ``"OOM"`` (a measured limit, not an error), or the error and, when
+    ``traceback_limit`` > 0, its last frames — so one failing method never hides the others' rows."""
+    if is_oom(exc):
+        row["status"] = "OOM"
+        return
+    row["status"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+    if traceback_limit:
+        import traceback
+
+        row["traceback"] = traceback.format_exc(limit=traceback_limit)
+
+
 def free_memory(device: torch.device) -> None:
     import gc
 

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -47,8 +46,8 @@ from bench._common import (  # noqa: E402
     Deadline,
     apply_thread_setting,
     environment,
+    failure_status,
     free_memory,
-    is_oom,
     log,
     peak_bytes,
     sync,
@@ -243,9 +242,7 @@ def measure(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bool
         row["loss"] = losses[0]
         row["status"] = "ok"
     except Exception as exc:  # noqa: BLE001
-        row["status"] = "OOM" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        if row["status"] != "OOM":
-            row["traceback"] = traceback.format_exc(limit=6)
+        failure_status(exc, row, traceback_limit=6)
     finally:
         model.zero_grad(set_to_none=True)
         free_memory(device)

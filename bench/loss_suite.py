@@ -53,6 +53,7 @@ from bench._common import (  # noqa: E402
     available_ram_bytes,
     cuda_kernel_breakdown,
     environment,
+    failure_status,
     free_memory,
     is_oom,
     log,
@@ -530,7 +531,7 @@ def error_check(shape: Shape, device: torch.device, deadline: Deadline) -> dict[
                 row["logp_mean_abs"] = float(err.mean())
             row["status"] = "ok"
         except Exception as exc:  # noqa: BLE001
-            row["status"] = "OOM" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:300]}"
+            failure_status(exc, row)
         wl.reset()
         free_memory(device)
         out["rows"].append(row)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,8 +34,8 @@ from bench._common import (  # noqa: E402
     Timer,
     apply_thread_setting,
     environment,
+    failure_status,
     free_memory,
-    is_oom,
     log,
     peak_bytes,
     sync,
@@ -162,9 +161,7 @@ def measure(model: torch.nn.Module, batch: PackedBatch, fused: bool, device: tor
         row["peak_extra_bytes"] = int(peak)
         row["status"] = "ok"
     except Exception as exc:  # noqa: BLE001
-        row["status"] = "OOM" if is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-        if row["status"] != "OOM":
-            row["traceback"] = traceback.format_exc(limit=6)
+        failure_status(exc, row, traceback_limit=6)
     finally:
         model.zero_grad(set_to_none=True)
         free_memory(device)
