@@ -229,7 +229,8 @@ def aggregate(records: list[dict[str, Any]], arms: Sequence[str]) -> dict[str, A
     for rec in records:
         by_arm.setdefault(rec["spec"]["arm"], {})[rec["spec"]["seed"]] = eval_metrics(rec["eval"])
     out: dict[str, Any] = {"arms": {}, "paired_vs_grpo": {}}
-    names = [m for m, _ in METRICS]
+    names = list(dict.fromkeys([m for m, _ in METRICS]
+                               + [m for seeds in by_arm.values() for v in seeds.values() for m in v]))
     for arm, seeds in by_arm.items():
         out["arms"][arm] = {m: mean_ci([v.get(m, math.nan) for v in seeds.values()]) for m in names}
         out["arms"][arm]["seeds"] = sorted(seeds)

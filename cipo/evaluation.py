@@ -12,7 +12,7 @@ policy — the final ``hf_model/``, a checkpoint, or step 0 (the policy RL start
    ``correction_success`` is, over failed attempts, the mean share of refinements that verify; ``regression_rate``
    is, over correct attempts, the mean share of refinements that fail.
 
-The correction prompts are built by :func:`correction_prompt_ids`, which the trainer's own in-training
+The correction prompts are built by :func:`cipo.algorithm.correction_prompt_ids`, which the trainer's own in-training
 evaluation (``CIPOTrainer.evaluate``) uses too, so both measure correction on the same kind of prompt.
 
 The held-out set is the run's synthetic test split (disjoint from its training prompts; its first
@@ -24,10 +24,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
+
+from .algorithm.template import correction_prompt_ids
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16)
 DEFAULT_N = 16
@@ -154,18 +156,6 @@ def resampling_baselines(correct_counts: Sequence[int], n: int) -> dict[str, flo
 
 
 # ------------------------------------------------------------------------------------------------- shared pieces
-
-
-def correction_prompt_ids(template, rows: Sequence[dict], attempts: Sequence[tuple[int, str]],
-                          prompt_ids: Callable[[Any], list[int]], encode: Callable[[str], Sequence[int]],
-                          decode: Callable[[Sequence[int]], str]) -> list[list[int]]:
-    """Token ids of the correction prompts ``template(x, attempt)`` for ``(row index, attempt text)`` pairs.
-
-    ``template`` is the run's :class:`cipo.algorithm.CorrectionTemplate`; ``prompt_ids`` renders chat messages
-    with the tokenizer's chat template (and applies the prompt-length limit); ``encode``/``decode`` measure the
-    attempt's token budget. Used by the trainer's evaluation and by :func:`evaluate_run`."""
-    built = [template.build(rows[i]["prompt"], text, encode=encode, decode=decode) for i, text in attempts]
-    return [prompt_ids(p.messages) for p in built]
 
 
 def truncated_prompt_ids(tokenizer, messages, max_prompt_length: int) -> list[int]:
@@ -352,7 +342,13 @@ def evaluate_run(run_dir: Union[str, Path], step: Optional[int] = None, data: Op
                               max_tokens=rollout.max_response_length, seed=seed, return_logprobs=False)
     kind = ("vllm" if vllm_available() else "hf") if engine == "auto" else engine
     started = time.perf_counter()
-    kwargs: dict[str, Any] = {"seed": seed, "dtype": config.model.dtype} if kind == "vllm" else {}
+    if kind == "vllm":
+        kwargs: dict[str, Any] = {"seed": seed, "dtype": config.model.dtype}
+    else:
+        import torch
+
+        kwargs = {"dtype": getattr(torch, config.model.dtype),
+                  "device": "cuda" if torch.cuda.is_available() else "cpu"}
     rollout_engine = make_engine(kind, policy.model_dir, **kwargs)
     synthetic_only = all(row.get("data_source") in SYNTHETIC_SOURCES for row in rows)
     scorer = RewardScorer(workers=0 if synthetic_only else 2)

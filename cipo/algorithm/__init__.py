@@ -32,7 +32,7 @@ from .pass_rate import PassRateTracker, PromptStats
 from .replay import ReplayController, ReplayDecision, TrajectoryPool, least_squares_slope, retention
 from .selector import DifficultySelector, Pick, PromptResult, Selection, Trajectory
 from .shaping import TRANSITIONS, ShapingResult, shape_advantages, shape_rewards, transition_counts
-from .template import VERDICT_PATTERN, CorrectionPrompt, CorrectionTemplate, truncate_attempt
+from .template import VERDICT_PATTERN, CorrectionPrompt, CorrectionTemplate, correction_prompt_ids, truncate_attempt
 
 __all__ = [
     "CIPOConfig",
@@ -63,5 +63,6 @@ __all__ = [
     "step_advantages",
     "step_loss",
     "transition_counts",
+    "correction_prompt_ids",
     "truncate_attempt",
 ]

@@ -236,6 +236,18 @@ def truncate_attempt(attempt: str, budget: int, encode: Encode, decode: Decode, 
                      "max_attempt_tokens or shorten the marker")
 
 
+def correction_prompt_ids(template: CorrectionTemplate, rows: Sequence[Mapping[str, Any]],
+                          attempts: Sequence[tuple[int, str]], prompt_ids: Callable[[Any], list[int]],
+                          encode: Encode, decode: Decode) -> list[list[int]]:
+    """Token ids of the correction prompts ``template(x, attempt)`` for ``(row index, attempt text)`` pairs.
+
+    ``prompt_ids`` renders chat messages with the tokenizer's chat template (and applies the prompt-length limit);
+    ``encode``/``decode`` measure the attempt's token budget. One function for the trainer's in-training evaluation
+    and ``cipo eval``, so both score corrections of exactly the same prompts."""
+    built = [template.build(rows[i]["prompt"], text, encode=encode, decode=decode) for i, text in attempts]
+    return [prompt_ids(p.messages) for p in built]
+
+
 def _split_prompt(prompt: PromptLike) -> tuple[list[Message], str]:
     """(messages before the problem, problem text) of a string or chat-message prompt."""
     if isinstance(prompt, str):

@@ -46,11 +46,11 @@ from ..algorithm import (
     TrajectoryPool,
     assemble_step,
     build_correction_prompts,
+    correction_prompt_ids,
     shape_correction_groups,
     step_advantages,
 )
 from ..config import PolicyLossConfig
-from ..evaluation import correction_prompt_ids
 from ..packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
 from ..rollout import RolloutBatch
 from ..warmstart import chat_prompt_ids

@@ -71,3 +71,23 @@ def test_quick_study_writes_table_curves_and_commands(tmp_path: Path) -> None:
     # a second call reuses every finished job
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stderr.count("(reused)") + again.stdout.count("(reused)") == 3
+
+
+def test_classify_failure_finds_the_first_fault() -> None:
+    from bench.study import classify_failure
+    from cipo.data import synthetic
+
+    row = synthetic.problem_to_row({"expr": "47+85", "answer": 132, "operands": [47, 85], "op": "+",
+                                    "solution": synthetic.addition_solution([47, 85])}, 0, "test",
+                                   synthetic.Difficulty())
+    cases = {
+        "7+5=12 4+8+1=13 \\boxed{132}": "correct",
+        "7+5=12 4+8=12 \\boxed{122}": "dropped/extra carry",
+        "7+5=11 4+8+1=13 \\boxed{131}": "miscomputed column sum",
+        "7+6=13 4+8+1=13 \\boxed{133}": "misread operand digit",
+        "7+5=12 4+8+1=13 \\boxed{133}": "boxed answer disagrees with columns",
+        "7+5=12 \\boxed{12}": "wrong column count",
+        "the answer is 132": "format",
+    }
+    for text, expected in cases.items():
+        assert classify_failure(text, row) == expected, text
