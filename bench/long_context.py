@@ -89,7 +89,7 @@ GPU_MODEL_ASSUMPTIONS = dict(dense_mask=False, repeat_kv=False, loss_tile_bytes=
 def memory_model(spec: dict[str, Any], *, context: int, rollouts: int, response: int, fused: bool, shared: bool,
                  tiled: bool, ckpt: bool, act_bytes: int, param_count: Optional[int] = None,
                  tiled_shards: int = 0, dense_mask: bool = True, repeat_kv: bool = True,
-                 loss_tile_bytes: float = 2**26, offload: bool = False) -> dict[str, float]:
+                 loss_tile_bytes: float = 2**26, offload: bool = False, sp: int = 1) -> dict[str, float]:
     """Predicted extra memory (bytes) of one training step beyond the weights, by component.
 
     What autograd keeps per token of the forward stream and per layer of the HF Qwen3 decoder (counted with
@@ -117,36 +117,45 @@ def memory_model(spec: dict[str, Any], *, context: int, rollouts: int, response:
     prefix shrinks the stream from ``N = M(C+R)`` to ``L = C + M·R`` tokens and the loss rows to the view's
     ``M(R+1)``. Weight gradients (``P·a``) are included, optimizer state is not. How close it comes to measured
     peaks (CPU sweep, and the H100 trainer-suite run): docs/LONG_CONTEXT.md.
+
+    Ulysses sequence parallelism over ``sp`` ranks (per rank): every per-token term holds ``ceil(T/sp)`` tokens
+    (between the all-to-alls a rank holds all ``T`` tokens of ``1/sp`` of the heads: the same count); the mask,
+    built from the gathered ``position_ids``, is the whole stream's (sdpa on CPU: always, even for one sequence);
+    the gathered final hidden states and their gradient add ``2·T·H``; the loss rows split over the ranks.
     """
     h, inter = spec["hidden_size"], spec["intermediate_size"]
     nh, nkv, d = spec["num_attention_heads"], spec["num_key_value_heads"], spec["head_dim"]
     layers, vocab = spec["num_hidden_layers"], spec["vocab_size"]
     plain = rollouts * (context + response)
     tokens = context + rollouts * response if shared else plain
+    full = tokens  # the whole stream (the attention mask's size under sequence parallelism)
+    tokens = math.ceil(full / sp)  # this rank's shard
     per_layer = 6 * h + 4 * nh * d + 2 * nkv * d + (2 * nh * d if repeat_kv else 2 * nkv * d)
     if not tiled:
         per_layer += 4 * inter
-    masked = dense_mask and (shared or rollouts > 1)
-    mask_layer = 4.0 * tokens * tokens if masked else 0.0  # the float copy sdpa keeps, per layer
+    masked = dense_mask and (shared or rollouts > 1 or sp > 1)
+    mask_layer = 4.0 * full * full if masked else 0.0  # the float copy sdpa keeps, per layer
     edges = 3 * h * tokens * act_bytes  # embeddings output, final norm
+    if sp > 1:
+        edges += 2 * h * full * act_bytes  # the gathered final hidden states and their gradient
     if ckpt:
         kept = min(layers, 2) if offload else layers
-        persistent = kept * h * tokens * act_bytes + edges + (tokens * tokens if masked else 0)
+        persistent = kept * h * tokens * act_bytes + edges + (full * full if masked else 0)
         recompute = per_layer * tokens * act_bytes + mask_layer
     else:
-        persistent = layers * (per_layer * tokens * act_bytes + mask_layer) + edges + (tokens * tokens if masked else 0)
+        persistent = layers * (per_layer * tokens * act_bytes + mask_layer) + edges + (full * full if masked else 0)
         recompute = 0.0
     if tiled:
         shards = max(tiled_shards or math.ceil(tokens / h), 1)
         recompute += 4 * inter * math.ceil(tokens / shards) * act_bytes
-    loss_rows = rollouts * (response + 1) if shared else plain
+    loss_rows = math.ceil((rollouts * (response + 1) if shared else plain) / sp)
     loss = min(loss_tile_bytes, 4.0 * vocab * loss_rows) if fused else MATERIALISED_BYTES_PER_ROW_V * vocab * loss_rows
     params = param_count if param_count is not None else _param_count(spec)
     out = {"gradients": float(params * act_bytes), "activations": float(persistent),
            "transient": float(max(loss, recompute)), "loss": float(loss), "recompute": float(recompute)}
     out["total"] = out["gradients"] + out["activations"] + out["transient"]
     out["tokens_plain"] = plain
-    out["tokens_forward"] = tokens
+    out["tokens_forward"] = full
     return out
 
 
@@ -193,19 +202,28 @@ def configure(model: torch.nn.Module, switches: dict[str, bool]) -> None:
     model.train()
 
 
-def make_step(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bool]) -> Callable[[], float]:
+def make_step(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bool],
+              sequence_parallel: Any = None) -> Callable[[], float]:
+    """One micro-batch's forward + loss + backward as the trainer runs it; with ``sequence_parallel`` (a
+    :class:`cipo.trainer.sequence_parallel.UlyssesSP`) this rank's part of it (the loss: its share of the rows)."""
     from cipo.advantages import group_advantages
     from cipo.trainer.backend import PolicyModule
     from cipo.trainer.long_context import CheckpointOffload
+    from cipo.trainer.mini_batch import stream_normalizers
 
-    module = PolicyModule(model, shared_prefix=switches["shared"])
+    module = PolicyModule(model, shared_prefix=switches["shared"], sequence_parallel=sequence_parallel)
     adv = group_advantages(batch.reward, batch.group_id)
     offload = CheckpointOffload(switches.get("offload", False))
+    loss_rows = sequence_parallel.loss_rows(batch) if sequence_parallel is not None else None
+    # the micro-batch's own counts, passed as the trainer passes a step's: a rank's share of the rows is then
+    # normalised by the whole micro-batch's
+    base_norm, corr_norm = stream_normalizers(batch, LOSS_CONFIG.loss_agg_mode)
 
     def step() -> float:
         offload.begin()
         try:
-            loss, _ = module(batch, LOSS_CONFIG, fused=switches["fused"], lambda_corr=1.0, advantages=adv)
+            loss, _ = module(batch, LOSS_CONFIG, fused=switches["fused"], lambda_corr=1.0, advantages=adv,
+                             loss_rows=loss_rows, base_normalizer=base_norm, corr_normalizer=corr_norm)
             loss.backward()
         finally:
             offload.end()
@@ -215,9 +233,11 @@ def make_step(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bo
 
 
 def measure(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bool], device: torch.device,
-            timed_runs: int) -> dict[str, Any]:
-    """Peak extra memory of one step (the profiled run, which is also the warm-up), then ``timed_runs`` timed."""
-    step = make_step(model, batch, switches)
+            timed_runs: int, sequence_parallel: Any = None) -> dict[str, Any]:
+    """Peak extra memory of one step (the profiled run, which is also the warm-up), then ``timed_runs`` timed.
+    With ``sequence_parallel`` every rank of the group calls it; the loss and gradient norm are the group's (sums
+    over its ranks), the peak this rank's."""
+    step = make_step(model, batch, switches, sequence_parallel)
     row: dict[str, Any] = {}
     losses: list[float] = []
     try:
@@ -227,8 +247,11 @@ def measure(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bool
         row["peak_extra_bytes"] = int(peak_bytes(lambda: losses.append(step()), device))
         row["profiled_s"] = round(time.perf_counter() - t0, 3)
         # the gradient's norm: the same in every configuration (the on-policy loss itself is ~0 with equal lengths)
-        row["grad_norm"] = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()
-                                         if p.grad is not None))
+        grads = [p.grad.double() for p in model.parameters() if p.grad is not None]
+        if sequence_parallel is not None:  # each rank holds its part of the gradient: the step's is their sum
+            for g in grads:
+                torch.distributed.all_reduce(g, group=sequence_parallel.group)
+        row["grad_norm"] = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
         walls = []
         for _ in range(timed_runs):
             model.zero_grad(set_to_none=True)
@@ -240,6 +263,8 @@ def measure(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bool
         row["wall_s"] = [round(w, 4) for w in walls]
         row["median_s"] = round(sorted(walls)[len(walls) // 2], 4) if walls else None
         row["loss"] = losses[0]
+        if sequence_parallel is not None:
+            row["loss"] = sum(sequence_parallel_values(losses[0], sequence_parallel))
         row["status"] = "ok"
     except Exception as exc:  # noqa: BLE001
         failure_status(exc, row, traceback_limit=6)
@@ -247,6 +272,13 @@ def measure(model: torch.nn.Module, batch: PackedBatch, switches: dict[str, bool
         model.zero_grad(set_to_none=True)
         free_memory(device)
     return row
+
+
+def sequence_parallel_values(value: float, sequence_parallel: Any) -> list[float]:
+    """``value`` of every rank of this rank's sequence-parallel group, in rank order."""
+    out: list[Any] = [None] * sequence_parallel.size
+    torch.distributed.all_gather_object(out, value, group=sequence_parallel.group)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- CPU sweep

@@ -10,9 +10,9 @@ states by the LM head's weight without calling the head module, so :class:`Fused
 its external parameter and the loss runs in its forward.
 
 Gradient scaling under data parallelism: the loss is normalised by *global* per-stream counts, so the true
-gradient is the *sum* of the ranks' gradients; DeepSpeed averages them, hence ``backward`` multiplies the loss
-by the world size. Micro-batches are counted by the trainer, which marks the last one as the accumulation
-boundary (``scale_wrt_gas=False``: no division by an accumulation count).
+gradient is the *sum* of the ranks' gradients; DeepSpeed averages them, hence ``backward`` multiplies the loss by
+the number it divides by (:func:`gradient_divisor`). Micro-batches are counted by the trainer, which marks the
+last one as the accumulation boundary (``scale_wrt_gas=False``: no division by an accumulation count).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .distributed import DistContext
 from .forward import lm_head_weight, packed_hidden_states
 from .long_context import CheckpointOffload, configure_model
+from .sequence_parallel import UlyssesSP, optional_sp, token_index
 from .shared_prefix import SharedPrefixLayout
 
 POLICY_PREFIX = "policy."  # PolicyModule's name for the HF model: stripped from exported state-dict keys
@@ -88,25 +89,56 @@ class PolicyModule(nn.Module):
     plain packed batches held, over every forward since :meth:`pop_token_counts`.
     """
 
-    def __init__(self, model: nn.Module, shared_prefix: bool = False) -> None:
+    def __init__(self, model: nn.Module, shared_prefix: bool = False, sequence_parallel: Optional[UlyssesSP] = None
+                 ) -> None:
         super().__init__()
         self.policy = model
         self.head = FusedHead(model)
         self.shared_prefix = shared_prefix
+        self.sp = sequence_parallel
         self.tokens_forward = 0
         self.tokens_packed = 0
 
     def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, *, fused: bool = True,
-                logp_only: bool = False, **loss_kwargs: Any):
+                logp_only: bool = False, loss_rows: Optional[list[int]] = None, **loss_kwargs: Any):
+        """``(loss, metrics)`` of ``batch`` — of its sequences ``loss_rows`` only when given (sequence
+        parallelism: :meth:`UlyssesSP.loss_rows`; an empty list gives a zero loss that still reaches every weight
+        the forward used, and no metrics) — or, with ``logp_only``, ``[N]`` log-probs of every sequence."""
         if not self.shared_prefix:
-            hidden = packed_hidden_states(self.policy, batch.input_ids, batch.position_ids)
-            self._count(batch.num_tokens, batch.num_tokens)
-            return self.head(hidden, batch, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
+            hidden = self._hidden(batch.input_ids, batch.position_ids, batch.num_tokens)
+            return self._head(hidden, batch, loss_cfg, fused, logp_only, loss_rows, loss_kwargs)
         layout = SharedPrefixLayout.build(batch)
-        hidden = layout.hidden_states(self.policy)  # [R, H]: the loss view's rows only
-        self._count(layout.num_tokens, batch.num_tokens)
-        out = self.head(hidden, layout.view, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
+        if self.sp is None:
+            hidden = layout.hidden_states(self.policy)  # [R, H]: the loss view's rows only
+            self._count(layout.num_tokens, batch.num_tokens)
+        else:  # the mask comes from the stream's position_ids (sequence_parallel.attention_rule)
+            hidden = self._hidden(layout.input_ids, layout.position_ids, batch.num_tokens)
+            hidden = hidden.index_select(0, layout.hidden_index)
+        out = self._head(hidden, layout.view, loss_cfg, fused, logp_only, loss_rows, loss_kwargs)
         return layout.scatter_to_batch(out) if logp_only else out
+
+    def _hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor, packed_tokens: int) -> torch.Tensor:
+        """``[L, H]`` hidden states of a stream: one forward, or this rank's shard gathered over its SP group."""
+        if self.sp is None:
+            self._count(input_ids.numel(), packed_tokens)
+            return packed_hidden_states(self.policy, input_ids, position_ids)
+        # counted per rank: the shard (padding included); the plain batch once per group
+        self._count(self.sp.local_tokens(input_ids.numel()), packed_tokens if self.sp.rank == 0 else 0)
+        return self.sp.hidden_states(self.policy, input_ids, position_ids)
+
+    def _head(self, hidden: torch.Tensor, batch: PackedBatch, loss_cfg: PolicyLossConfig, fused: bool,
+              logp_only: bool, loss_rows: Optional[list[int]], loss_kwargs: dict[str, Any]):
+        if loss_rows is None or logp_only:
+            return self.head(hidden, batch, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
+        rows = loss_rows or [0]  # no rows: run the loss on one and zero it, so the backward reaches the same weights
+        hidden = hidden.index_select(0, token_index(batch, rows))
+        advantages = loss_kwargs.get("advantages")
+        if advantages is not None:  # [S] per sequence, or [T] per token
+            picked = advantages[rows] if advantages.numel() == batch.num_seqs else \
+                advantages[token_index(batch, rows)]
+            loss_kwargs = {**loss_kwargs, "advantages": picked}
+        loss, metrics = self.head(hidden, batch.select(rows), loss_cfg, fused=fused, logp_only=False, **loss_kwargs)
+        return (loss, metrics) if loss_rows else (loss * 0.0, {})
 
     def _count(self, forward: int, packed: int) -> None:
         self.tokens_forward += int(forward)
@@ -130,6 +162,7 @@ class TorchBackend:
         self.model = model
         self.long_context = configure_model(model, tiled_mlp=actor.tiled_mlp, tiled_mlp_shards=actor.tiled_mlp_shards)
         self.module = PolicyModule(model, shared_prefix=actor.shared_prefix)
+        self.sequence_parallel = None
         self.offload = CheckpointOffload(actor.checkpoint_offload)
         self.dist = dist
         self.grad_clip = actor.grad_clip
@@ -202,8 +235,10 @@ class DeepSpeedBackend:
         self.ds_config = deepspeed_config(config)
         self.bucket_megabytes = config.rollout.update_weights_bucket_megabytes
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
+        self.gradient_divisor = gradient_divisor(self.ds_config, dist)
         self.long_context = configure_model(model, tiled_mlp=actor.tiled_mlp, tiled_mlp_shards=actor.tiled_mlp_shards)
-        self.module = PolicyModule(model, shared_prefix=actor.shared_prefix)
+        self.sequence_parallel = optional_sp(model, actor.ulysses_sequence_parallel_size)
+        self.module = PolicyModule(model, shared_prefix=actor.shared_prefix, sequence_parallel=self.sequence_parallel)
         self.offload = CheckpointOffload(actor.checkpoint_offload)
         if self.stage == 3:
             deepspeed.zero.register_external_parameter(self.module.head, lm_head_weight(model))
@@ -215,7 +250,8 @@ class DeepSpeedBackend:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-            model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
+            model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad],
+            mpu=None if self.sequence_parallel is None else self.sequence_parallel.mpu)
 
     def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, **kwargs: Any):
         return _offloaded_forward(self.offload, self.engine, batch, loss_cfg, kwargs)
@@ -226,7 +262,7 @@ class DeepSpeedBackend:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.engine.set_gradient_accumulation_boundary(last)
         try:
-            self.engine.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+            self.engine.backward(loss * self.gradient_divisor, scale_wrt_gas=False)
         finally:
             self.offload.end()
 
@@ -308,6 +344,28 @@ def _offloaded_forward(offload: CheckpointOffload, module, batch: PackedBatch, l
     if kwargs.get("logp_only") or not torch.is_grad_enabled():
         offload.end()
     return out
+
+
+def gradient_divisor(ds_config: dict[str, Any], dist: DistContext) -> int:
+    """What DeepSpeed (0.19.8) divides the ranks' summed gradients by: the world size, or with Ulysses sequence
+    parallelism ``world / sp`` — except on ZeRO-3's reduce-scatter path (``reduce_scatter: true``, its default),
+    which averages over the whole world whatever the SP size (its other path divides by ``world / sp`` but is
+    taken only for buckets under ``reduce_bucket_size``, so cipo refuses it under SP). Checked by the full
+    gradient of a 2-rank SP run against one process (tests/long_context/test_ulysses_trainer.py, ZeRO-2 and 3).
+
+    Raises:
+        ValueError: ZeRO-3 with ``reduce_scatter: false`` under sequence parallelism.
+    """
+    if dist.sp_size == 1:
+        return dist.world_size
+    zero = ds_config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) != 3:
+        return dist.dp_size
+    if not zero.get("reduce_scatter", True):
+        raise ValueError("actor.ulysses_sequence_parallel_size > 1 with deepspeed.zero_stage 3 needs "
+                         "zero_optimization.reduce_scatter: true (DeepSpeed's other ZeRO-3 path averages the "
+                         "gradients differently depending on the bucket size); remove it from deepspeed.config")
+    return dist.world_size
 
 
 def make_backend(model: nn.Module, config: TrainConfig, dist: DistContext):

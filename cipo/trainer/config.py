@@ -80,6 +80,9 @@ class ActorConfig:
     tiled_mlp: bool = False
     tiled_mlp_shards: int = 0
     checkpoint_offload: bool = False
+    # verl's name: ranks that split one micro-batch's tokens (DeepSpeed's Ulysses; strategy deepspeed; sdpa,
+    # flex_attention or flash_attention_2; must divide the launch's ranks and the attention heads).
+    ulysses_sequence_parallel_size: int = 1
     strategy: Literal["torch", "deepspeed"] = "torch"  # deepspeed: ZeRO data parallelism (the `deepspeed` section)
     loss: dict = field(default_factory=dict)
 
@@ -176,6 +179,12 @@ class TrainConfig:
              "actor.shared_prefix needs model.attn_implementation sdpa, eager or flex_attention (flash-attn varlen "
              "cannot express a shared prefix)"),
             (self.actor.tiled_mlp_shards >= 0, "actor.tiled_mlp_shards must be >= 0 (0: automatic)"),
+            (self.actor.ulysses_sequence_parallel_size >= 1, "actor.ulysses_sequence_parallel_size must be >= 1"),
+            (self.actor.ulysses_sequence_parallel_size == 1 or self.actor.strategy == "deepspeed",
+             "actor.ulysses_sequence_parallel_size > 1 needs actor.strategy: deepspeed (launched with torchrun)"),
+            (self.actor.ulysses_sequence_parallel_size == 1 or self.model.attn_implementation != "eager",
+             "actor.ulysses_sequence_parallel_size > 1 needs model.attn_implementation sdpa, flex_attention or "
+             "flash_attention_2 (DeepSpeed's Ulysses does not take eager)"),
             (not self.actor.checkpoint_offload or self.model.gradient_checkpointing,
              "actor.checkpoint_offload needs model.gradient_checkpointing: true (it offloads the checkpointed "
              "layer inputs)"),

@@ -25,11 +25,30 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class DistContext:
-    """This process's place in the data-parallel group (``world_size == 1``: no group, no collectives)."""
+    """This process's place in the data-parallel group (``world_size == 1``: no group, no collectives).
+
+    With Ulysses sequence parallelism (``sp_size`` > 1) consecutive ranks form a sequence-parallel group that trains
+    the same sequences: the step is split over ``dp_size = world_size / sp_size`` data-parallel ranks
+    (``dp_rank = rank // sp_size``); generation is still split over every rank.
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    sp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sp_size < 1 or self.world_size % self.sp_size:
+            raise ValueError(f"actor.ulysses_sequence_parallel_size={self.sp_size} must be >= 1 and divide the "
+                             f"{self.world_size} ranks of the launch")
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.sp_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.sp_size
 
     @property
     def is_main(self) -> bool:
@@ -89,12 +108,13 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device_type: str, required: bool = False) -> DistContext:
+def init_distributed(device_type: str, required: bool = False, sp_size: int = 1) -> DistContext:
     """Join the launcher's process group (once per process) and describe this rank.
 
     Args:
         device_type: ``"cuda"`` (NCCL, one GPU per local rank) or ``"cpu"`` (gloo).
         required: make a group even without a launcher (DeepSpeed needs one): a world of one on a free local port.
+        sp_size: ranks per Ulysses sequence-parallel group (must divide the world size).
     """
     world = launched_world_size()
     if world <= 1 and not torch.distributed.is_initialized():
@@ -112,7 +132,7 @@ def init_distributed(device_type: str, required: bool = False) -> DistContext:
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
     return DistContext(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
-                       local_rank=local_rank)
+                       local_rank=local_rank, sp_size=sp_size)
 
 
 def _free_port() -> int:

@@ -11,14 +11,8 @@
   back for the backward. It acts only on tensors on an accelerator: on CPU it runs and offloads nothing.
 * Sequence-tiled logits + loss (``TiledFusedLogitsLoss``/``SequenceTiledCompute``) are not used: the fused loss
   already never holds more than a chunk of logits (DESIGN §5) and finishes the gradient in its forward.
-* Ulysses sequence parallelism → :func:`enable_ulysses` + :func:`shard_sequence`: ``UlyssesSPAttentionHF``
-  replaces the model's attention function; each rank of a sequence-parallel group holds ``1/sp`` of the tokens,
-  an all-to-all before attention gives each rank all tokens for ``heads/sp`` heads, and one after gives the
-  sequence shard back. Tested on CPU over gloo (tests/long_context); **not wired into the trainer** (the step
-  would need data-parallel groups distinct from SP groups, sequence-sharded micro-batches and a loss over each
-  rank's shard — docs/LONG_CONTEXT.md). With sdpa the wrapper drops the mask and attention is causal over the
-  whole gathered stream, so packed micro-batches (several sequences) are only isolated with flash_attention_2
-  (varlen from ``position_ids``); :func:`enable_ulysses` documents it and the test runs one sequence.
+* Ulysses sequence parallelism (``actor.ulysses_sequence_parallel_size``) has its own module,
+  :mod:`cipo.trainer.sequence_parallel`.
 """
 
 from __future__ import annotations
@@ -140,33 +134,3 @@ def configure_model(model: nn.Module, *, tiled_mlp: bool, tiled_mlp_shards: int 
     if tiled_mlp:
         done["tiled_mlp_modules"] = apply_tiled_mlp(model, tiled_mlp_shards)
     return done
-
-
-# ----------------------------------------------------------------------------------------------- Ulysses SP
-
-
-def enable_ulysses(model: nn.Module, sp_size: int, micro_batch_size: int = 1) -> Any:
-    """Register DeepSpeed's ``UlyssesSPAttentionHF`` for ``model``'s attention implementation; returns the
-    sequence-parallel state (``deepspeed.runtime.sequence_parallel.parallel_state_sp``), or None for ``sp_size`` 1.
-
-    Needs ``deepspeed.init_distributed`` first; every rank of the world calls it. It replaces the attention
-    function of that name for the whole process (DeepSpeed's design), so build any non-SP reference before.
-    With sdpa, DeepSpeed drops the attention mask and sdpa attends causally over the whole gathered stream: one
-    sequence per micro-batch (or flash_attention_2, whose varlen path follows ``position_ids``).
-    """
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
-
-    impl = model.config._attn_implementation
-    return UlyssesSPAttentionHF.register_with_transformers(
-        model_name_or_path=model, core_attn_implementation=impl, sequence_parallel_size=sp_size,
-        micro_batch_size=micro_batch_size, seq_length_is_variable=True)
-
-
-def shard_sequence(values: torch.Tensor, sp_rank: int, sp_size: int, dim: int = -1) -> torch.Tensor:
-    """This rank's contiguous ``1/sp_size`` slice of ``values`` along ``dim`` (its length must divide evenly:
-    the all-to-all exchanges equal shards)."""
-    length = values.shape[dim]
-    if length % sp_size:
-        raise ValueError(f"sequence length {length} is not divisible by the sequence-parallel size {sp_size}; pad "
-                         "the micro-batch to a multiple of it")
-    return values.narrow(dim, sp_rank * (length // sp_size), length // sp_size)

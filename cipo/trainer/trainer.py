@@ -51,14 +51,15 @@ from ..algorithm import (
     step_advantages,
 )
 from ..config import PolicyLossConfig
-from ..packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
+from ..packing import PackedBatch
 from ..rollout import RolloutBatch
 from ..warmstart import chat_prompt_ids
 from .backend import export_hf, make_backend
 from .checkpoint import atomic_write_text, checkpoint_path, latest_checkpoint, publish_checkpoint
 from .config import TrainConfig, config_to_dict
 from .config_io import ConfigError
-from .distributed import balanced_partition, init_distributed, shard_bounds
+from .distributed import init_distributed
+from .mini_batch import MiniBatch, mini_batch_rows, partition_rows, stream_normalizers
 from .prompt_stream import PromptStream
 from .scoring import RewardScorer
 from .setup import (
@@ -147,17 +148,19 @@ class CIPOTrainer:
         self.run_dir = Path(config.trainer.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.trainer.device)
-        self.dist = init_distributed(self.device.type, required=config.actor.strategy == "deepspeed")
+        self.dist = init_distributed(self.device.type, required=config.actor.strategy == "deepspeed",
+                                     sp_size=config.actor.ulysses_sequence_parallel_size)
         if self.device.type == "cuda" and self.dist.distributed:
             self.device = torch.device("cuda", self.dist.local_rank)
-        if self.dist.world_size > self.alg.train_batch_size:
+        dp_size = self.dist.dp_size  # the ranks that train different groups (all of them without Ulysses SP)
+        if dp_size > self.alg.train_batch_size:
             raise ConfigError(f"algorithm.train_batch_size={self.alg.train_batch_size} is smaller than the "
-                             f"{self.dist.world_size} ranks: every rank needs at least one prompt group")
+                             f"{dp_size} data-parallel ranks: every rank needs at least one prompt group")
         mini = config.actor.ppo_mini_batch_size
-        if mini is not None and self.dist.world_size > mini:
-            raise ConfigError(f"actor.ppo_mini_batch_size={mini} is smaller than the {self.dist.world_size} ranks: "
+        if mini is not None and dp_size > mini:
+            raise ConfigError(f"actor.ppo_mini_batch_size={mini} is smaller than the {dp_size} data-parallel ranks: "
                               "every rank needs at least one prompt group of each mini-batch; set it to >= "
-                              f"{self.dist.world_size}")
+                              f"{dp_size}")
         if config.trainer.num_threads > 0:
             torch.set_num_threads(config.trainer.num_threads)
         self.step = 0
@@ -322,10 +325,10 @@ class CIPOTrainer:
         actor = self.cfg.actor
         plans = []
         for rows in mini_batch_rows(batch, actor.ppo_mini_batch_size):
-            normalizers = _stream_normalizers(batch.select(rows), self.loss_cfg.loss_agg_mode)
+            normalizers = stream_normalizers(batch.select(rows), self.loss_cfg.loss_agg_mode)
             owned = self._owned_rows(batch, rows)
             local = batch.select(owned)
-            plans.append(_MiniBatch(local, advantages[owned], self._micro_batches(local), normalizers))
+            plans.append(MiniBatch(local, advantages[owned], self._micro_batches(local), normalizers))
         updates = actor.ppo_epochs * len(plans)
         for plan in plans:  # all before the first update
             if updates > 1:
@@ -341,23 +344,28 @@ class CIPOTrainer:
                     if name[len("actor/"):] not in ADDITIVE_LOSS_METRICS | UPDATE_METRICS}
             m.set(**{"actor/updates": len(per_update)}, **last)
 
-    def _optimizer_step(self, plan: "_MiniBatch") -> dict[str, float]:
+    def _optimizer_step(self, plan: MiniBatch) -> dict[str, float]:
         """One optimizer step on this rank's part of a mini-batch; returns the update's metrics over all ranks."""
         actor = self.cfg.actor
         kwargs = dict(fused=actor.fused_loss, lambda_corr=self.alg.lambda_corr, base_normalizer=plan.normalizers[0],
                       corr_normalizer=plan.normalizers[1])
+        sp = self.backend.sequence_parallel
         self.backend.zero_grad()
         part, total = StepMetrics(), 0.0
         for k, rows in enumerate(plan.micro):
             sub_rows = rows if rows is not None else [0]
             sub = plan.local.select(sub_rows)
-            loss, metrics = self.backend.forward(sub, self.loss_cfg, advantages=plan.advantages[sub_rows], **kwargs)
+            # Ulysses SP: the group forwards the micro-batch together and splits its sequences for the loss
+            loss_rows = sp.loss_rows(sub) if sp is not None else None
+            loss, metrics = self.backend.forward(sub, self.loss_cfg, advantages=plan.advantages[sub_rows],
+                                                 loss_rows=loss_rows, **kwargs)
             if rows is None:
                 loss = loss * 0.0  # a padding micro-batch: keeps ZeRO's collectives in step, adds nothing
             self.backend.backward(loss, last=k == len(plan.micro) - 1)
-            if rows is not None:
+            if rows is not None and metrics:
                 total += float(loss.detach())
-                part.add_loss_metrics(metrics, weight=float(sub.loss_mask.sum()))
+                own = sub if loss_rows is None else sub.select(loss_rows)
+                part.add_loss_metrics(metrics, weight=float(own.loss_mask.sum()))
         grad_norm = self.backend.step()
         update = StepMetrics()
         update.merge_loss_parts(self.dist.all_gather_object(part.loss_part()))
@@ -368,11 +376,11 @@ class CIPOTrainer:
 
     def _owned_rows(self, batch: PackedBatch, rows: Optional[Sequence[int]] = None) -> list[int]:
         """The sequences of ``rows`` (default: all) this rank trains on: whole groups, balanced by tokens over the
-        ranks (all of them on one rank)."""
+        data-parallel ranks (all of them on one rank; the same for every rank of a sequence-parallel group)."""
         rows = list(range(batch.num_seqs)) if rows is None else list(rows)
-        if not self.dist.distributed:
+        if self.dist.dp_size == 1:
             return rows
-        return partition_rows(batch, rows, self.dist.world_size)[self.dist.rank]
+        return partition_rows(batch, rows, self.dist.dp_size)[self.dist.dp_rank]
 
     def _micro_batches(self, local: PackedBatch) -> list[Optional[list[int]]]:
         """The local batch's micro-batches by token budget, padded with ``None`` to the largest count over the
@@ -484,6 +492,7 @@ class CIPOTrainer:
             "warmstart": self.history.get("warmstart"),
             "rollout_engine": type(self.engine).__name__,
             "world_size": self.dist.world_size,
+            "sequence_parallel_size": self.dist.sp_size,
         }
 
     # ------------------------------------------------------------------------------------------- checkpoints
@@ -525,66 +534,8 @@ class CIPOTrainer:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class _MiniBatch:
-    """This rank's part of one mini-batch, ready for optimizer steps."""
-
-    local: PackedBatch  # this rank's sequences of the mini-batch
-    advantages: torch.Tensor  # [S_local]
-    micro: list[Optional[list[int]]]  # rows of ``local`` per micro-batch; None pads to the ranks' largest count
-    normalizers: tuple[Optional[float], Optional[float]]  # the mini-batch's global per-stream counts
-
-
 # Metrics an update sets besides the loss's own: never copied to ``actor/last/``.
 UPDATE_METRICS = frozenset({"loss", "grad_norm", "padding_micro_batches"})
-
-
-def mini_batch_rows(batch: PackedBatch, mini_batch_size: Optional[int]) -> list[list[int]]:
-    """The rows of each mini-batch of a step, in batch order (the same on every rank).
-
-    ``mini_batch_size`` counts base groups (verl's ``ppo_mini_batch_size``: prompts, each with its responses).
-    The base groups, in batch order, fill ``k = base groups / mini_batch_size`` consecutive mini-batches; the
-    correction groups are dealt over the same ``k`` mini-batches in order, as evenly as whole groups allow (the
-    first ``C mod k`` get one more). So every optimizer step sees both streams in the step's proportion and
-    optimises the same joint objective ``L_base + λ·L_corr``, and no group is split (its advantages and a
-    shared prompt stay together). ``None``, or a size equal to the base group count, gives one mini-batch: the
-    whole step.
-
-    Raises:
-        ValueError: ``mini_batch_size`` < 1, or not dividing the number of base groups.
-    """
-    rows = list(range(batch.num_seqs))
-    if mini_batch_size is None:
-        return [rows]
-    groups = batch.group_id.tolist()
-    streams = batch.stream.tolist()
-    base = list(dict.fromkeys(g for g, s in zip(groups, streams) if s == BASE_STREAM))
-    corr = list(dict.fromkeys(g for g, s in zip(groups, streams) if s == CORRECTION_STREAM))
-    if mini_batch_size < 1 or not base or len(base) % mini_batch_size:
-        raise ValueError(f"actor.ppo_mini_batch_size={mini_batch_size} must be >= 1 and divide the step's "
-                         f"{len(base)} base groups (algorithm.train_batch_size); set it to a divisor of that, or "
-                         "null for one update per batch")
-    count = len(base) // mini_batch_size
-    if count == 1:
-        return [rows]
-    which = {group: index // mini_batch_size for index, group in enumerate(base)}
-    for j in range(count):
-        start, end = shard_bounds(len(corr), count, j)
-        which.update({group: j for group in corr[start:end]})
-    return [[row for row in rows if which[groups[row]] == j] for j in range(count)]
-
-
-def partition_rows(batch: PackedBatch, rows: Sequence[int], world_size: int) -> list[list[int]]:
-    """``rows`` split over ``world_size`` ranks by whole groups, balanced by tokens (:func:`balanced_partition`,
-    deterministic); each rank's rows keep batch order. With ``rows`` the whole step this is the step's split."""
-    groups = batch.group_id.tolist()
-    lengths = batch.seq_lens.tolist()
-    tokens: dict[int, int] = {}
-    for row in rows:
-        tokens[groups[row]] = tokens.get(groups[row], 0) + lengths[row]
-    ids = sorted(tokens)
-    parts = [{ids[i] for i in part} for part in balanced_partition([tokens[g] for g in ids], world_size)]
-    return [[row for row in rows if groups[row] in part] for part in parts]
 
 
 def _mean_over_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
@@ -595,23 +546,6 @@ def _mean_over_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
         values = [u[name] for u in per_update if name in u]
         out[name] = sum(values[1:], values[0]) / len(values)
     return out
-
-
-def _stream_normalizers(batch: PackedBatch, mode: str) -> tuple[Optional[float], Optional[float]]:
-    """Global per-stream denominators for micro-batched mean aggregation (None for the sum modes)."""
-    def positive(count: float) -> Optional[float]:
-        return count if count > 0 else None  # an empty stream contributes exactly 0 without a normaliser
-
-    if mode == "token-mean":
-        return (positive(float(batch.num_loss_tokens(BASE_STREAM))),
-                positive(float(batch.num_loss_tokens(CORRECTION_STREAM))))
-    if mode in ("seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
-        counts = torch.zeros(batch.num_seqs, device=batch.device).index_add_(
-            0, batch.seq_index(), batch.loss_mask.float())
-        present = counts > 0
-        return (positive(float((present & (batch.stream == BASE_STREAM)).sum())),
-                positive(float((present & (batch.stream == CORRECTION_STREAM)).sum())))
-    return None, None
 
 
 def _mean(values) -> float:

@@ -86,15 +86,15 @@ def test_requires_old_logp_and_valid_lambda():
 @pytest.mark.parametrize("mode", MODES)
 def test_micro_batches_with_step_normalizers_sum_to_the_whole(mode: str):
     # The trainer splits a step into micro-batches and passes each stream's step-global count
-    # (`_stream_normalizers`): the micro-batch losses and gradients must add up to the whole step's, in every mode.
-    from cipo.trainer.trainer import _stream_normalizers
+    # (`stream_normalizers`): the micro-batch losses and gradients must add up to the whole step's, in every mode.
+    from cipo.trainer.mini_batch import stream_normalizers
 
     batch = PackedBatch.from_sequences(make_sequences(4, 0, 0) + make_sequences(5, 1, 100, groups=2, per_group=3))
     cfg = PolicyLossConfig(loss_agg_mode=mode, kl_coef=0.1, loss_scale_factor=8.0)
     logp = current_logp(batch, 6).detach().double().requires_grad_()
     adv = group_advantages(batch.reward.double(), batch.group_id)
     whole, _ = cipo_policy_loss(logp, batch, cfg, lambda_corr=0.5, advantages=adv)
-    base_norm, corr_norm = _stream_normalizers(batch, mode)
+    base_norm, corr_norm = stream_normalizers(batch, mode)
     total = None
     for rows in ([0, 3, 4, 9, 12, 15], [1, 2, 5, 6, 7, 8, 10, 11, 13, 14, 16, 17]):
         sub = batch.select(rows)

@@ -220,4 +220,4 @@ def test_more_ranks_than_prompt_groups_is_refused(tmp_path: Path):
     command = _command(tmp_path / "run", 2, 2, "--set", "algorithm.train_batch_size=1")
     proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
-    assert "algorithm.train_batch_size=1 is smaller than the 2 ranks" in proc.stdout + proc.stderr
+    assert "algorithm.train_batch_size=1 is smaller than the 2 data-parallel ranks" in proc.stdout + proc.stderr

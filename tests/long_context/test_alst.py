@@ -22,7 +22,6 @@ from cipo.trainer.config_io import ConfigError  # noqa: E402
 from cipo.trainer.long_context import (  # noqa: E402
     CheckpointOffload,
     apply_tiled_mlp,
-    shard_sequence,
     tiled_mlp_shards,
 )
 from tests.long_context.test_shared_prefix import mixed_batch  # noqa: E402
@@ -140,13 +139,6 @@ def test_checkpoint_offload_runs_on_cpu_and_changes_nothing():
     _assert_same(with_offload, _train_step(model, batch))
     # the context is closed after the backward: a fresh forward/backward without it works
     _train_step(model, batch)
-
-
-def test_shard_sequence():
-    x = torch.arange(12).view(1, 12)
-    assert shard_sequence(x, 1, 3).tolist() == [[4, 5, 6, 7]]
-    with pytest.raises(ValueError, match="not divisible"):
-        shard_sequence(x, 0, 5)
 
 
 @pytest.mark.parametrize("override,message", [

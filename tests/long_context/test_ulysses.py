@@ -1,10 +1,11 @@
 """DeepSpeed's Ulysses sequence parallelism (``UlyssesSPAttentionHF``) on 2 CPU ranks over gloo.
 
-One sequence split over the 2 ranks: the gathered hidden states equal a one-process forward exactly (the same
-attention over all tokens, per head group), and the summed gradients equal it to 1e-5 relative. Two *packed*
-sequences: with sdpa DeepSpeed drops the mask, so attention crosses the sequence boundary — the documented reason
-cipo does not use Ulysses with sdpa on packed micro-batches (flash_attention_2's varlen path follows position_ids;
-not testable without a GPU).
+Through cipo's :class:`~cipo.trainer.sequence_parallel.UlyssesSP`: one sequence, two packed sequences, an odd
+length (padded to the group size) and a shared-prefix forward stream, split over the 2 ranks. The gathered hidden
+states equal a one-process forward (transformers' block-diagonal mask, or the shared-prefix layout's explicit mask)
+to 1e-5 absolute and the summed gradients to 1e-5 relative: the position-masked sdpa keeps packed sequences and
+sibling responses apart, which DeepSpeed's wrapper alone does not (it drops the mask). A model that is not the
+policy keeps the original attention.
 """
 
 from __future__ import annotations
@@ -40,13 +41,18 @@ def results(tmp_path_factory) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-def test_one_sequence_over_two_ranks_equals_one_process(results):
+CASES = ("one_sequence", "two_packed_sequences", "odd_packed_sequences", "shared_prefix_stream")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_sequence_parallel_forward_and_gradients_equal_one_process(results, case):
     for r in results:
         assert r["world"] == 2
-        assert r["one_sequence"]["hidden_max_abs"] <= 1e-5
-        assert r["one_sequence"]["grad_max_rel"] <= 1e-5
+        assert r[case]["hidden_max_abs"] <= 1e-5, r[case]
+        assert r[case]["grad_max_rel"] <= 1e-5, r[case]
 
 
-def test_packed_sequences_with_sdpa_are_not_isolated(results):
+def test_other_models_keep_their_attention(results):
+    """The SP attention is routed to the policy's modules only: another model's packed forward is unchanged."""
     for r in results:
-        assert r["two_packed_sequences"]["hidden_max_abs"] > 1e-2
+        assert r["bystander_hidden_max_abs"] == 0.0

@@ -29,13 +29,8 @@ from cipo.trainer.backend import TorchBackend
 from cipo.trainer.config import load_config
 from cipo.trainer.config_io import ConfigError
 from cipo.trainer.distributed import DistContext, balanced_partition
-from cipo.trainer.trainer import (
-    CIPOTrainer,
-    StepMetrics,
-    _stream_normalizers,
-    mini_batch_rows,
-    partition_rows,
-)
+from cipo.trainer.mini_batch import mini_batch_rows, partition_rows, stream_normalizers
+from cipo.trainer.trainer import CIPOTrainer, StepMetrics
 
 from .test_train_e2e import fast_config
 
@@ -98,7 +93,7 @@ def update(shell: CIPOTrainer, step, policy=None) -> tuple[dict[str, torch.Tenso
 def todays_update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: StepMetrics) -> None:
     """The update path before mini-batches, verbatim (the reference for bit-for-bit equality)."""
     actor = self.cfg.actor
-    normalizers = _stream_normalizers(batch, self.loss_cfg.loss_agg_mode)
+    normalizers = stream_normalizers(batch, self.loss_cfg.loss_agg_mode)
     owned = self._owned_rows(batch)
     local, local_adv = batch.select(owned), advantages[owned]
     micro = self._micro_batches(local)
@@ -246,7 +241,7 @@ def test_each_mini_batch_is_normalised_over_itself(trainer, step, mode: str):
     for alone, summed in expected:
         assert summed == pytest.approx(alone, rel=1e-5, abs=1e-7)
     for rows, normalizers in zip(plans * 2, seen.normalizers):
-        assert normalizers == _stream_normalizers(batch.select(rows), mode)
+        assert normalizers == stream_normalizers(batch.select(rows), mode)
 
 
 # ----------------------------------------------------------------------------------------------- (3) errors
@@ -277,7 +272,8 @@ def test_a_step_the_size_does_not_divide_is_refused(step):
 
 def test_fewer_prompts_per_mini_batch_than_ranks_is_refused(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(trainer_module, "init_distributed", lambda *a, **k: DistContext(rank=0, world_size=2))
-    with pytest.raises(ConfigError, match="actor.ppo_mini_batch_size=1 is smaller than the 2 ranks.*set it to >= 2"):
+    with pytest.raises(ConfigError,
+                       match="actor.ppo_mini_batch_size=1 is smaller than the 2 data-parallel ranks.*set it to >= 2"):
         CIPOTrainer(fast_config(tmp_path / "run", "actor.ppo_mini_batch_size=1"))
 
 

@@ -1,0 +1,50 @@
+"""Smoke test of ``python -m bench.ulysses --quick`` (2 ranks over gloo; ~20 s): the JSON and Markdown are
+written, every row ran, the 2-rank steps compute the one-process steps, and sequence parallelism lowers the
+baseline's peak per rank. Asserts no timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("deepspeed")
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("ulysses")
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "bench.ulysses", "--quick", "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "ulysses_cpu-quick.json").read_text())
+
+
+def test_rows_and_the_same_step(quick):
+    out, data = quick
+    assert (out / "ulysses_cpu-quick.md").read_text().startswith("# Ulysses sequence parallelism")
+    rows = data["rows"]
+    assert all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+    assert {(r["config"], r["sp"]) for r in rows} == {(c, sp) for c in ("baseline", "checkpointing", "all")
+                                                      for sp in (1, 2)}
+    assert all(r["grad_norm"] > 0 and len(r["peak_per_rank"]) == 2 for r in rows)
+    assert data["check"]["max_relative_grad_norm_difference_vs_one_process"] <= 1e-5
+    assert data["check"]["max_abs_loss_difference_vs_one_process"] <= 1e-6
+
+
+def test_sequence_parallelism_lowers_the_peak_per_rank(quick):
+    _, data = quick
+    by = {(r["config"], r["sp"], r["context"]): r for r in data["rows"]}
+    for context in data["workload"]["contexts"]:
+        one, two = by["baseline", 1, context], by["baseline", 2, context]
+        assert two["peak_extra_bytes"] < one["peak_extra_bytes"]
+        assert two["predicted_bytes"] < one["predicted_bytes"]
