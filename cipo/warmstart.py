@@ -11,15 +11,8 @@ Optionally a share of the examples are correction-style (a correction prompt aro
 carry-corrupted attempt, target = the correct solution), so that the correction stream has non-zero reward at
 step 0; without them the tiny model answers correction prompts correctly ~0 % of the time.
 
-Measured (``python -m cipo.warmstart --seeds 0 1 2 3``; defaults: 0.52 M-parameter model, 2-digit addition,
-batch 32, lr 3e-3, stop at 35 % on 128 held-out prompts x 2 samples; 2 shared CPU cores, OMP_NUM_THREADS=1;
-accuracy on 272 other held-out prompts x 4 samples at T = 1):
-
-* base examples only: 175-250 steps, 34-65 s (4-10 s of it in the checks); accuracy 0.34 / 0.41 / 0.48 / 0.36
-  (greedy 0.45-0.55).
-* plus correction examples (``correction_fraction=0.5``, user format ``"{problem}\\nPrevious attempt:
-  {attempt}\\nSolve the problem again."``): 275-300 steps, 68-91 s; accuracy 0.39 / 0.51 / 0.43 / 0.46; one
-  correction pass on the model's own attempts turns wrong into right 4-23 % of the time, keeps right 16-61 %.
+What it reaches and how long it takes (``python -m bench.warmstart``): docs/TRAINER.md, "The tiny model's warm
+start".
 """
 
 from __future__ import annotations
@@ -354,88 +347,3 @@ def classify_error(response: str, row: dict) -> str:
     if work(response) == work(solution_for(row)):
         return "inconsistent"
     return "column"
-
-
-def _main() -> None:
-    """Measure warm start: ``python -m cipo.warmstart [--seeds 0 1 2]`` (builds everything in a temp dir)."""
-    import argparse
-    import collections
-    import os
-    import tempfile
-
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from cipo.data.synthetic import Difficulty, make_splits, score
-    from cipo.models.tiny import build_tiny_model, build_tiny_tokenizer
-    from cipo.rollout import SamplingConfig, make_engine
-
-    ap = argparse.ArgumentParser(description=_main.__doc__)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--engine", default="auto")
-    ap.add_argument("--digits", type=int, default=2)
-    ap.add_argument("--max-steps", type=int, default=600)
-    ap.add_argument("--target", type=float, default=0.35)
-    ap.add_argument("--every", type=int, default=25)
-    ap.add_argument("--correction-fraction", type=float, default=0.0,
-                    help="share of rows that also get a correction-style example (cipo.algorithm.template)")
-    ap.add_argument("--correction-format", default=None,
-                    help="CorrectionTemplate.user_format ({problem}, {attempt}); default: the template's own")
-    args = ap.parse_args()
-    from cipo.algorithm.template import CorrectionTemplate
-
-    template = CorrectionTemplate(max_attempt_tokens=None)
-    if args.correction_format:
-        template = CorrectionTemplate(user_format=args.correction_format.replace("\\n", "\n"),
-                                      max_attempt_tokens=None)
-
-    def builder(prompt, attempt):
-        return template.build(prompt, attempt).messages
-
-    for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as d:
-            t0 = time.perf_counter()
-            tok = build_tiny_tokenizer(d)
-            model = build_tiny_model(d, tok, seed=seed)
-            train, test = make_splits(5000, 400, seed=seed, difficulty=Difficulty(digits=args.digits))
-            engine = make_engine(args.engine, d)
-            t_setup = time.perf_counter() - t0
-            stopper = AccuracyStopper(model, engine, tok, test[:128], target=args.target, every=args.every,
-                                      min_steps=100)
-            res = warm_start(model, tok, train, steps=args.max_steps, seed=seed, progress=False, on_step=stopper,
-                             correction_builder=builder if args.correction_fraction > 0 else None,
-                             correction_fraction=args.correction_fraction)
-            engine.update_weights(model.named_parameters())
-            t1 = time.perf_counter()
-            held = test[128:]
-            prompts = [chat_prompt_ids(tok, r["prompt"]) for r in held]
-            batch = engine.generate(prompts, 4, SamplingConfig(temperature=1.0, max_tokens=48, seed=seed + 1))
-            kinds = collections.Counter(
-                classify_error(t, held[batch.prompt_index[k]]) for k, t in enumerate(batch.texts))
-            greedy = sampled_accuracy(engine, tok, held, SamplingConfig(temperature=0.0, max_tokens=48))
-            t_eval = time.perf_counter() - t1
-            acc = kinds["correct"] / len(batch)
-            print(f"seed {seed}: setup {t_setup:.1f}s, warm start {res.seconds:.1f}s ({res.steps} steps, "
-                  f"{stopper.seconds:.1f}s of it in {len(stopper.history)} stop checks {stopper.history}), "
-                  f"held-out acc T=1 {acc:.3f} (n={len(batch)}), greedy {greedy:.3f}, eval {t_eval:.1f}s, "
-                  f"outcomes {dict(kinds)}", flush=True)
-            wrong = [(held[batch.prompt_index[k]]["prompt"][0]["content"], t) for k, t in enumerate(batch.texts)
-                     if kinds and classify_error(t, held[batch.prompt_index[k]]) != "correct"]
-            for q, t in wrong[:6]:
-                print(f"   {q[8:q.index('?')]:>8} -> {t}")
-            if True:
-                # One refinement per first attempt, conditioned on the model's own attempt.
-                firsts = list(range(0, len(batch), 4))
-                cprompts = [chat_prompt_ids(tok, builder(held[batch.prompt_index[k]]["prompt"], batch.texts[k]))
-                            for k in firsts]
-                ref = engine.generate(cprompts, 1, SamplingConfig(temperature=1.0, max_tokens=48, seed=seed + 2))
-                stats = collections.Counter()
-                for j, k in enumerate(firsts):
-                    row = held[batch.prompt_index[k]]
-                    before = score(batch.texts[k], row["reward_model"]["ground_truth"])
-                    after = score(ref.texts[j], row["reward_model"]["ground_truth"])
-                    stats[f"{'right' if before else 'wrong'}->{'right' if after else 'wrong'}"] += 1
-                print(f"   correction pass (T=1, own attempts): {dict(stats)}", flush=True)
-            engine.close()
-
-
-if __name__ == "__main__":
-    _main()

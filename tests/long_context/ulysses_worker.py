@@ -1,6 +1,9 @@
 """Worker for test_ulysses.py, launched by ``torchrun --nproc_per_node 2``: cipo's :class:`UlyssesSP` (DeepSpeed's
-UlyssesSPAttentionHF + cipo's position-masked sdpa) on a tiny Qwen3 over gloo (CPU). Writes ``{out}/rank{r}.json``
-with the differences to one-process references."""
+UlyssesSPAttentionHF + cipo's position-masked core attention) on a tiny Qwen3 over gloo (CPU). Writes
+``{out}/rank{r}.json`` with the differences to one-process sdpa references.
+
+``worker OUT sdpa``: forward and backward. ``worker OUT flex_attention``: forward only (torch has no flex_attention
+backward on CPU) — DeepSpeed's flex path, which rebuilds a causal BlockMask, then cipo's mask from position_ids."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 import torch
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, attention: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -26,7 +29,7 @@ def main(out_dir: str) -> None:
 
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_tiny_model(tokenizer=build_tiny_tokenizer(), seed=0, num_hidden_layers=2, hidden_size=32,
-                             intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8).train()
+                             intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16).train()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     layout = SharedPrefixLayout.build(mixed_batch(vocab=vocab))
@@ -53,23 +56,25 @@ def main(out_dir: str) -> None:
     references = {name: reference(copy.deepcopy(model), name) for name in streams}
     bystander = copy.deepcopy(model)  # a model the SP attention must not touch (the KL reference, the engine)
 
+    backward = attention == "sdpa"
+    model.config._attn_implementation = attention
     sp = UlyssesSP.setup(model, world)
-    result = {"rank": rank, "world": world, "sp_rank": sp.rank}
+    result = {"rank": rank, "world": world, "sp_rank": sp.rank, "attention": attention}
     for name, (ids, pos) in streams.items():
         model.zero_grad(set_to_none=True)
-        hidden = sp.hidden_states(model, ids, pos)  # [L, H] on every rank
-        # disjoint loss tokens per rank (as the trainer's loss_rows): the ranks' gradients sum to the whole one
-        mine = (torch.arange(ids.numel()) % world == rank).float()[:, None]
-        (hidden * weights[name] * mine).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        for g in grads.values():
-            dist.all_reduce(g)
+        with torch.set_grad_enabled(backward):
+            hidden = sp.hidden_states(model, ids, pos)  # [L, H] on every rank
         ref_hidden, ref_grads = references[name]
-        result[name] = {
-            "tokens": ids.numel(),
-            "hidden_max_abs": float((hidden.detach() - ref_hidden).abs().max()),
-            "grad_max_rel": max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm()) for n in ref_grads),
-        }
+        result[name] = {"tokens": ids.numel(), "hidden_max_abs": float((hidden.detach() - ref_hidden).abs().max())}
+        if backward:
+            # disjoint loss tokens per rank (as the trainer's loss_rows): the ranks' gradients sum to the whole one
+            mine = (torch.arange(ids.numel()) % world == rank).float()[:, None]
+            (hidden * weights[name] * mine).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            for g in grads.values():
+                dist.all_reduce(g)
+            result[name]["grad_max_rel"] = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm())
+                                               for n in ref_grads)
     ids, pos = streams["two_packed_sequences"]
     with torch.no_grad():
         other = packed_hidden_states(bystander, ids, pos)
@@ -80,4 +85,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "sdpa")

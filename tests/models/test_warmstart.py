@@ -1,5 +1,5 @@
 """Warm start: SFT examples and a few optimizer steps that lower the loss (fast; the accuracy claim is measured
-by ``python -m cipo.warmstart``, not here)."""
+by ``python -m bench.warmstart``, not here)."""
 
 import pytest
 import torch
