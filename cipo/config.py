@@ -23,6 +23,14 @@ KL_TYPES = {
     "k3": "k3",
     "low_var_kl": "k3",
     "abs": "abs",
+    # verl 0.9.1's straight-through variants: the estimator's value, k2's gradient (k2+ is k2)
+    "k1+": "k1+",
+    "kl+": "k1+",
+    "k2+": "k2",
+    "mse+": "k2",
+    "k3+": "k3+",
+    "low_var_kl+": "k3+",
+    "abs+": "abs+",
 }
 """Accepted ``kl_type`` spellings mapped to their canonical estimator name."""
 
@@ -51,7 +59,8 @@ class PolicyLossConfig:
             response length). ``None`` means the padded length ``L`` of ``[B, L]`` inputs or the longest
             sequence of packed inputs, as verl does.
         kl_coef: β of the KL penalty to the reference policy (0 disables it). ≥ 0.
-        kl_type: KL estimator: ``k1``/``kl``, ``k2``/``mse``, ``k3``/``low_var_kl``, ``abs``.
+        kl_type: KL estimator: ``k1``/``kl``, ``k2``/``mse``, ``k3``/``low_var_kl``, ``abs``; a ``+`` suffix
+            (verl's straight-through, e.g. ``low_var_kl+``) keeps the value and takes k2's gradient.
         entropy_coef: coefficient of the entropy bonus (subtracted from the loss). ≥ 0.
         tis_mode: truncated importance sampling against rollout-engine log-probs: ``None``, ``"token"`` or
             ``"sequence"``.
@@ -93,7 +102,7 @@ class PolicyLossConfig:
 
     @property
     def kl_estimator(self) -> str:
-        """Canonical KL estimator name: ``k1``, ``k2``, ``k3`` or ``abs``."""
+        """Canonical KL estimator name: ``k1``, ``k2``, ``k3``, ``abs``, ``k1+``, ``k3+`` or ``abs+``."""
         return KL_TYPES[self.kl_type]
 
     def to_dict(self) -> dict[str, Any]:

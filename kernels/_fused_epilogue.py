@@ -112,7 +112,7 @@ if HAS_TRITON:
         STATS: tl.constexpr, STORE_STATS: tl.constexpr, TERMS: tl.constexpr, GRAD: tl.constexpr,
         ON_POLICY: tl.constexpr,
         NUM_PARTS: tl.constexpr, NUM_COLS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr,
-        KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr, ENT_IN_LOSS: tl.constexpr,
+        KL_ST: tl.constexpr, KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr, ENT_IN_LOSS: tl.constexpr,
         RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
@@ -177,7 +177,7 @@ if HAS_TRITON:
                 tis_in = tl.load(tis_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
             pg, kl, dl, nlr, clipped, clipped_lower, tis_capped = policy_token_terms(
                 logp, old, adv, m_tok, ref, tis_in, logp, clip_low, clip_high, clip_c, log_cap, kl_coef,
-                DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, False, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
+                DUAL_CLIP, KL_MODE, KL_ST, KL_IN_LOSS, TIS_MODE, False, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
             )
             # Every column is written (the partial-sum buffer is not zero-filled).
             c_total = store_partial_sums(
@@ -270,7 +270,8 @@ def launch(k: TokenRows, plan: LossPlan, phase: tuple[bool, bool, bool], *, z: O
         plan.kl_coef, plan.entropy_coef,
         STATS=do_stats, STORE_STATS=do_stats and not do_terms, TERMS=do_terms, GRAD=do_grad,
         ON_POLICY=k.on_policy, NUM_PARTS=plan.num_parts, NUM_COLS=plan.num_cols,
-        DUAL_CLIP=plan.clip_ratio_c is not None, KL_MODE=plan.kl_mode, KL_IN_LOSS=plan.kl_in_loss,
+        DUAL_CLIP=plan.clip_ratio_c is not None, KL_MODE=plan.kl_mode, KL_ST=plan.kl_straight_through,
+        KL_IN_LOSS=plan.kl_in_loss,
         TIS_MODE=plan.tis_code, ENT_IN_LOSS=plan.ent_in_loss, RATIO_CLAMP=LOG_RATIO_CLAMP,
         K3_X_CLAMP=K3_LOG_RATIO_CLAMP, K3_Y_CLAMP=K3_CLAMP, BLOCK_R=block_r, BLOCK_V=block_v, num_warps=warps,
         **NO_FP_FUSION,

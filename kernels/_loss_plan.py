@@ -51,7 +51,8 @@ class LossPlan:
         scale_factor: the divisor of ``seq-mean-token-sum-norm``.
         clip_ratio_low, clip_ratio_high: ε_low, ε_high.
         clip_ratio_c: the dual-clip bound, or None.
-        kl_estimator: ``k1``/``k2``/``k3``/``abs`` when reference log-probs are given, else None (no KL at all).
+        kl_estimator: ``k1``/``k2``/``k3``/``abs`` (or straight-through ``k1+``/``k3+``/``abs+``) when reference
+            log-probs are given, else None (no KL at all).
         kl_coef: β (the KL enters the loss only when > 0; it is a metric whenever ``kl_estimator`` is set).
         entropy_coef: γ (the entropy enters the loss only when > 0 and ``has_entropy``).
         has_entropy: the per-token entropy is known (given, or computed by the fused loss): ``entropy`` metric.
@@ -102,8 +103,13 @@ class LossPlan:
 
     @property
     def kl_mode(self) -> int:
-        """Kernel code of the KL estimator; 0: no KL."""
-        return KL_CODE[self.kl_estimator] if self.kl_estimator is not None else 0
+        """Kernel code of the KL estimator's value; 0: no KL."""
+        return KL_CODE[self.kl_estimator.rstrip("+")] if self.kl_estimator is not None else 0
+
+    @property
+    def kl_straight_through(self) -> bool:
+        """The estimator's gradient is k2's (verl's ``+`` suffix)."""
+        return self.kl_estimator is not None and self.kl_estimator.endswith("+")
 
     @property
     def kl_in_loss(self) -> bool:

@@ -20,7 +20,8 @@ evaluated), per token, with ``Δ = logp − old``:
 * precomputed importance weights (``HAS_IS_W``): ``pg ← pg·is_w``, a constant for the gradient;
 * KL estimate of ``logp`` against ``ref`` (``KL_MODE`` 1 = k1, 2 = k2, 3 = k3, 4 = abs), ``diff = logp − ref``:
   k1 ``diff``; k2 ``½·diff²``; k3 ``clamp(eˣ − x − 1, ±K3_Y_CLAMP)`` with ``x = clamp(−diff, ±K3_X_CLAMP)``;
-  abs ``|diff|``;
+  abs ``|diff|``; with ``KL_ST`` (verl's ``k1+``, ``k3+``, ``abs+``: straight-through) the value is that
+  estimator's and the derivative k2's, ``diff``;
 * ``dl = dℓ/dlogp`` of ``ℓ = pg + β·kl`` (β = ``kl_coef`` only when ``KL_IN_LOSS``; the entropy term is the
   caller's, its derivative w.r.t. ``logp`` is 0).
 
@@ -55,8 +56,9 @@ import triton.language as tl
 @triton.jit
 def policy_token_terms(
     logp, old, adv, m, ref, tis_in, is_w, clip_low, clip_high, clip_c, log_cap, kl_coef,
-    DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr, KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr,
-    HAS_IS_W: tl.constexpr, RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr,
+    DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr, KL_ST: tl.constexpr, KL_IN_LOSS: tl.constexpr,
+    TIS_MODE: tl.constexpr, HAS_IS_W: tl.constexpr, RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr,
+    K3_Y_CLAMP: tl.constexpr,
 ):
     """Per-token terms of DESIGN §4 for a block of tokens (any shape), fp32, masked by ``m``; see the module
     docstring for the formulas, the outputs and the tie conventions."""
@@ -125,6 +127,8 @@ def policy_token_terms(
         else:
             kl = tl.abs(diff)
             dkl = tl.where(diff > 0, 1.0, tl.where(diff < 0, -1.0, 0.0))
+        if KL_ST:
+            dkl = diff  # straight-through: the gradient of k2 = ½·diff²
         if KL_IN_LOSS:
             dl = dl + kl_coef * dkl
 

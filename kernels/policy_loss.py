@@ -69,7 +69,8 @@ def _policy_loss_fwd_kernel(
     dlogp_ptr, dent_ptr, partial_ptr,
     n_tokens, clip_low, clip_high, clip_c, log_cap, kl_coef, ent_coef,
     NUM_PARTS: tl.constexpr, NUM_COLS: tl.constexpr, DUAL_CLIP: tl.constexpr, KL_MODE: tl.constexpr,
-    KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr, HAS_IS_W: tl.constexpr, HAS_ENT: tl.constexpr,
+    KL_ST: tl.constexpr, KL_IN_LOSS: tl.constexpr, TIS_MODE: tl.constexpr, HAS_IS_W: tl.constexpr,
+    HAS_ENT: tl.constexpr,
     ENT_IN_LOSS: tl.constexpr, RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr, K3_Y_CLAMP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -95,7 +96,7 @@ def _policy_loss_fwd_kernel(
         is_w = tl.load(isw_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     pg, kl, dl, nlr, clipped, clipped_lower, tis_capped = policy_token_terms(
         logp, old, adv, m, ref, tis_in, is_w, clip_low, clip_high, clip_c, log_cap, kl_coef,
-        DUAL_CLIP, KL_MODE, KL_IN_LOSS, TIS_MODE, HAS_IS_W, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
+        DUAL_CLIP, KL_MODE, KL_ST, KL_IN_LOSS, TIS_MODE, HAS_IS_W, RATIO_CLAMP, K3_X_CLAMP, K3_Y_CLAMP,
     )
     ent = pg  # placeholder, never stored without HAS_ENT
     if HAS_ENT:
@@ -137,6 +138,7 @@ def _launch(logp: torch.Tensor, entropy: Optional[torch.Tensor], tokens: dict[st
         n, plan.clip_low, plan.clip_high, plan.clip_ratio_c if plan.clip_ratio_c is not None else 0.0,
         plan.log_cap, plan.kl_coef, plan.entropy_coef,
         NUM_PARTS=num_parts, NUM_COLS=plan.num_cols, DUAL_CLIP=plan.clip_ratio_c is not None, KL_MODE=plan.kl_mode,
+        KL_ST=plan.kl_straight_through,
         KL_IN_LOSS=plan.kl_in_loss, TIS_MODE=plan.tis_code, HAS_IS_W=tokens["is_w"] is not None,
         HAS_ENT=entropy is not None, ENT_IN_LOSS=plan.ent_in_loss,
         RATIO_CLAMP=LOG_RATIO_CLAMP, K3_X_CLAMP=K3_LOG_RATIO_CLAMP, K3_Y_CLAMP=K3_CLAMP, BLOCK=BLOCK,

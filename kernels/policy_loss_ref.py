@@ -41,7 +41,13 @@ class TokenTerms:
 
 
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate of the policy against the reference; ``estimator`` in k1, k2, k3, abs."""
+    """Per-token KL estimate of the policy against the reference; ``estimator`` in k1, k2, k3, abs, or k1+, k3+,
+    abs+: straight-through (verl 0.9.1's ``+``) — the value of k1/k3/abs with the gradient of k2, whose expected
+    gradient is the KL's."""
+    if estimator.endswith("+"):
+        value = kl_penalty(logp, ref_logp, estimator[:-1])
+        k2 = kl_penalty(logp, ref_logp, "k2")
+        return k2 - k2.detach() + value.detach()
     diff = logp - ref_logp
     if estimator == "k1":
         return diff

@@ -17,7 +17,9 @@ def test_defaults_are_verls():
 
 
 @pytest.mark.parametrize("spelling, canonical", [("k1", "k1"), ("kl", "k1"), ("k2", "k2"), ("mse", "k2"),
-                                                 ("k3", "k3"), ("low_var_kl", "k3"), ("abs", "abs")])
+                                                 ("k3", "k3"), ("low_var_kl", "k3"), ("abs", "abs"),
+                                                 ("k1+", "k1+"), ("kl+", "k1+"), ("k2+", "k2"), ("mse+", "k2"),
+                                                 ("k3+", "k3+"), ("low_var_kl+", "k3+"), ("abs+", "abs+")])
 def test_kl_spellings(spelling: str, canonical: str):
     assert PolicyLossConfig(kl_type=spelling).kl_estimator == canonical
 

@@ -97,6 +97,32 @@ def test_kl_types(kl_type: str, expected: float):
     assert loss.item() == pytest.approx(0.1 * expected, rel=1e-14)
 
 
+@pytest.mark.parametrize("straight, base", [("k1+", "k1"), ("kl+", "k1"), ("k3+", "k3"), ("low_var_kl+", "k3"),
+                                            ("abs+", "abs")])
+def test_straight_through_kl_has_its_estimators_value_and_k2s_gradient(straight: str, base: str):
+    """verl 0.9.1's ``+`` estimators: the value of the base estimator, the gradient of k2 (``logp − ref``), float64.
+    Random tokens with a mask, so the value and gradient differ from both neighbours' by construction."""
+    g = torch.Generator().manual_seed(7)
+    logp = (-2.0 * torch.rand(3, 9, generator=g, dtype=torch.float64)).requires_grad_()
+    old, ref = logp.detach() + 0.05 * torch.randn(3, 9, generator=g, dtype=torch.float64), \
+        logp.detach() + 0.8 * torch.randn(3, 9, generator=g, dtype=torch.float64)
+    adv, mask = torch.randn(3, 9, generator=g, dtype=torch.float64), torch.rand(3, 9, generator=g) > 0.3
+
+    def run(kl_type: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        cfg = PolicyLossConfig(kl_coef=0.3, kl_type=kl_type)
+        loss, metrics = policy_loss(logp, old, adv, mask, cfg, ref_logp=ref)
+        (grad,) = torch.autograd.grad(loss, logp)
+        return loss.detach(), grad, metrics
+
+    loss_st, grad_st, m_st = run(straight)
+    loss_base, grad_base, m_base = run(base)
+    loss_k2, grad_k2, _ = run("k2")
+    assert loss_st.item() == pytest.approx(loss_base.item(), rel=1e-14) and m_st["kl"] == m_base["kl"]
+    torch.testing.assert_close(grad_st, grad_k2, rtol=1e-13, atol=1e-15)
+    assert not torch.allclose(grad_st, grad_base) and abs(loss_st.item() - loss_k2.item()) > 1e-3
+    assert PolicyLossConfig(kl_type="k2+").kl_estimator == "k2"  # k2's gradient is its own
+
+
 def test_k3_is_clamped_at_10():
     t = lambda v: torch.tensor([[v]], dtype=torch.float64)  # noqa: E731
     _, m = policy_loss(t(-30.0), t(-30.0), t(0.0), torch.ones(1, 1), PolicyLossConfig(kl_coef=1.0),

@@ -294,6 +294,8 @@ CONFIGS = {
     "normalizers/seq-mean": (dict(FULL, loss_agg_mode="seq-mean-token-mean"), dict(base_normalizer=9.0,
                                                                                   corr_normalizer=7.0)),
     "advantages-given": (dict(FULL, entropy_coef=0.0), dict(advantages=torch.linspace(-1.5, 2.0, len(SPEC)))),
+    # last: each case's data seed is its index
+    "kl/low_var_kl+": (dict(kl_coef=0.2, kl_type="low_var_kl+"), {}),
 }
 
 

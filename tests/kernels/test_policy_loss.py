@@ -197,7 +197,7 @@ def test_aggregation_modes_padded(monkeypatch, mode):
         assert 0.0 < want.metrics[key] < 1.0, key
 
 
-@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3", "abs"])
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3", "abs", "k1+", "k3+", "abs+"])
 def test_kl_estimators_packed(monkeypatch, kl_type):
     lens = torch.tensor([5, 1, 30, 12, 3, 40])
     inputs = make_inputs((int(lens.sum()),), seed=11)
