@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
 from cipo.rollout import vllm_available  # noqa: E402
+from tests._launch import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -54,17 +54,11 @@ COMPARED = ("actor/loss", "actor/grad_norm", "actor/entropy", "actor/kl", "actor
             "replay/rho")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _command(run_dir: Path, world: int, stage: int, *extra: str, engine: str = "hf") -> list[str]:
     sets = [*SETTINGS, f"deepspeed.zero_stage={stage}", f"trainer.run_dir={run_dir}", f"rollout.engine={engine}"]
     if engine == "vllm":  # the tiny model is one 256 MiB bucket; gather ZeRO-3 weights one tensor at a time here
         sets.append("rollout.update_weights_bucket_megabytes=0")
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={_free_port()}",
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", f"--master_port={free_port()}",
             "-m", "cipo.cli", "train", str(TINY), *[arg for s in sets for arg in ("--set", s)], *extra]
 
 

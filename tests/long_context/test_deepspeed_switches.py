@@ -5,13 +5,13 @@ agree too) — with fewer tokens through the decoder. About 1.5 min on the 2-cor
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests._launch import child_env, free_port
 
 pytest.importorskip("deepspeed")
 
@@ -29,18 +29,11 @@ SETTINGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(run_dir: Path, *extra: str) -> list[dict]:
     sets = [*SETTINGS, f"trainer.run_dir={run_dir}", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "cipo.cli", "train", str(REPO / "configs" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -12,34 +12,28 @@ CPU) and uncompiled (inductor's CPU code for it does not compile), against the s
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests._launch import child_env, free_port
+
 pytest.importorskip("deepspeed")
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp_path_factory, attention: str) -> list[dict]:
     out = tmp_path_factory.mktemp(f"ulysses_{attention}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = child_env()
     if attention == "flex_attention":
         # flex_attention eagerly (its reference implementation): torch 2.13's inductor emits C++ that does not
         # compile for this CPU case ("cur_kvSplitSize6 was not declared"); the mask logic is what is tested here
         env["TORCHDYNAMO_DISABLE"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(REPO / "tests" / "long_context" / "ulysses_worker.py"), str(out), attention]
+           str(free_port()), str(REPO / "tests" / "long_context" / "ulysses_worker.py"), str(out), attention]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

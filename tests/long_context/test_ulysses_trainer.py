@@ -9,14 +9,14 @@ shards). About 1 min on the 2-core machine."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.long_context.test_deepspeed_switches import REPO, SETTINGS, _free_port
+from tests._launch import REPO, child_env, free_port
+from tests.long_context.test_deepspeed_switches import SETTINGS
 
 pytest.importorskip("deepspeed")
 
@@ -26,15 +26,10 @@ RTOL = 1e-5
 def run(run_dir: Path, ranks: int, *extra: str, resume: bool = False) -> list[dict]:
     sets = [*SETTINGS, f"trainer.run_dir={run_dir}", *extra]
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-                f"--master_port={_free_port()}", "-m", "cipo.cli"] if ranks > 1 else [sys.executable, "-m", "cipo.cli"]
+                f"--master_port={free_port()}", "-m", "cipo.cli"] if ranks > 1 else [sys.executable, "-m", "cipo.cli"]
     cmd = [*launcher, "train", str(REPO / "configs" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)],
            *(["--resume"] if resume else [])]
-    # without a launcher's variables: an in-process DeepSpeed test of this session may have set them (its port is
-    # still bound), and the one-process run must pick its own
-    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher_vars}, "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -9,7 +9,6 @@ too: on CPU it is ignored and ``sleep``/``wake_up`` are no-ops. ~35 s on 2 busy 
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ pytest.importorskip("vllm")
 
 from cipo.models.tiny import load_tiny  # noqa: E402
 from cipo.rollout import SamplingConfig, VLLMEngine  # noqa: E402
+from tests._launch import free_port  # noqa: E402
 
 from ._helpers import prompts_for  # noqa: E402
 
@@ -62,12 +62,6 @@ if __name__ == "__main__":
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs on CUDA")
 def test_two_ranks_match_single_process(tiny_dir, tmp_path):
     _, tok = load_tiny(tiny_dir)
@@ -79,7 +73,7 @@ def test_two_ranks_match_single_process(tiny_dir, tmp_path):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(tmp_path / "rank.py"), str(tiny_dir), str(tmp_path / "spec.json"),
+           "--master_port", str(free_port()), str(tmp_path / "rank.py"), str(tiny_dir), str(tmp_path / "spec.json"),
            str(out)]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
