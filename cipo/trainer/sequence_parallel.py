@@ -110,9 +110,16 @@ def position_masked_attention(core: Callable[..., Any], implementation: str) -> 
     given, decoding with a cache, flash-attn, which reads ``position_ids`` itself) goes to ``core`` unchanged.
 
     Every layer of a forward sees the same ``position_ids``, so the last stream's mask is reused: a BlockMask is
-    kept (``O((L/128)²)``, and expensive to build); a dense ``L × L`` mask only while something else still holds it
-    (a weak reference), so it never outlives the step that needed it."""
+    kept (``O((L/128)²)``, and expensive to build) — best built by ``attention.prepare(position_ids)`` before the
+    forward, outside the compiled region flex_attention runs in (DeepSpeed warns that compiling ``create_block_mask``
+    inside it corrupts the backward); a dense ``L × L`` mask is kept only while something else still holds it (a
+    weak reference), so it never outlives the step that needed it."""
     cache: dict[str, Any] = {"positions": None, "mask": lambda: None}
+
+    def prepare(position_ids: torch.Tensor) -> None:
+        """Build (flex_attention) the mask of the ``[L]`` stream the next forward attends over."""
+        if implementation == "flex_attention":
+            mask_for(position_ids)
 
     def mask_for(position_ids: torch.Tensor):
         mask = cache["mask"]() if cache["positions"] is not None and torch.equal(cache["positions"], position_ids) \
@@ -138,7 +145,7 @@ def position_masked_attention(core: Callable[..., Any], implementation: str) -> 
             attention_mask = mask_for(position_ids[0])
         return core(module, query, key, value, attention_mask, *args, **kwargs)
 
-    attention.cipo_position_masked = True  # type: ignore[attr-defined]
+    attention.prepare = prepare  # type: ignore[attr-defined]
     return attention
 
 
@@ -179,11 +186,12 @@ class UlyssesSP:
     ``deepspeed.initialize`` so that ZeRO reduces gradients with these groups.
     """
 
-    def __init__(self, mpu: Any, size: int) -> None:
+    def __init__(self, mpu: Any, size: int, prepare_mask: Optional[Callable[[torch.Tensor], None]] = None) -> None:
         self.mpu = mpu
         self.size = size
         self.group = mpu.get_sequence_parallel_group()
         self.rank = mpu.get_sequence_parallel_rank()
+        self.prepare_mask = prepare_mask  # the core attention's ``prepare`` (position_masked_attention)
 
     @classmethod
     def setup(cls, model: nn.Module, size: int) -> "UlyssesSP":
@@ -203,7 +211,8 @@ class UlyssesSP:
             raise ValueError(f"actor.ulysses_sequence_parallel_size > 1 needs model.attn_implementation in "
                              f"{ULYSSES_ATTENTION}; the model uses {impl!r}")
         original = ALL_ATTENTION_FUNCTIONS[impl]
-        ALL_ATTENTION_FUNCTIONS[impl] = position_masked_attention(original, impl)
+        core = position_masked_attention(original, impl)
+        ALL_ATTENTION_FUNCTIONS[impl] = core
         try:
             mpu = UlyssesSPAttentionHF.register_with_transformers(
                 model_name_or_path=model, core_attn_implementation=impl, sequence_parallel_size=size,
@@ -212,7 +221,7 @@ class UlyssesSP:
         finally:
             ALL_ATTENTION_FUNCTIONS[impl] = original
         ALL_ATTENTION_FUNCTIONS[impl] = _route_by_module(model, sequence_parallel, original)
-        return cls(mpu, size)
+        return cls(mpu, size, core.prepare)
 
     # ------------------------------------------------------------------ the forward
 
@@ -220,15 +229,19 @@ class UlyssesSP:
         """``length`` rounded up to a multiple of the group size (the all-to-all exchanges equal shards)."""
         return -(-length // self.size) * self.size
 
-    def shard(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's contiguous slice of a ``[L]`` stream, padded first to :meth:`padded_length` with a separate
-        dummy sequence (token 0, positions from 0: a document of its own, attended by no real token)."""
-        length = input_ids.numel()
-        pad = self.padded_length(length) - length
+    def padded(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A ``[L]`` stream padded to :meth:`padded_length` with a separate dummy sequence (token 0, positions from
+        0: a document of its own, attended by no real token) — what the group's shards add up to."""
+        pad = self.padded_length(input_ids.numel()) - input_ids.numel()
         if pad:
             input_ids = torch.cat([input_ids, input_ids.new_zeros(pad)])
             position_ids = torch.cat([position_ids, torch.arange(pad, device=position_ids.device,
                                                                  dtype=position_ids.dtype)])
+        return input_ids, position_ids
+
+    def shard(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's contiguous slice of the :meth:`padded` ``[L]`` stream."""
+        input_ids, position_ids = self.padded(input_ids, position_ids)
         step = input_ids.numel() // self.size
         return input_ids[self.rank * step:(self.rank + 1) * step], position_ids[self.rank * step:(self.rank + 1) * step]
 
@@ -236,6 +249,8 @@ class UlyssesSP:
         """``[L, H]`` final hidden states of a ``[L]`` stream (packed sequences, or a shared-prefix forward stream),
         computed sequence-parallel and gathered on every rank of the group (model dtype)."""
         length = input_ids.numel()
+        if self.prepare_mask is not None:  # the gathered stream's mask, built before (outside) the forward
+            self.prepare_mask(self.padded(input_ids, position_ids)[1])
         ids, pos = self.shard(input_ids, position_ids)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
         shard = decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state[0]

@@ -22,6 +22,7 @@ from cipo.trainer.distributed import DistContext
 from cipo.trainer.sequence_parallel import (
     UlyssesSP,
     attention_rule,
+    block_mask,
     dense_mask,
     position_masked_attention,
 )
@@ -155,17 +156,31 @@ def test_sdpa_wrapper_leaves_given_masks_and_decoding_alone():
     assert torch.equal(out, ref)
 
 
-def test_flex_wrapper_replaces_a_causal_block_mask_on_cpu():
+def test_flex_wrapper_replaces_a_causal_block_mask_on_cpu(monkeypatch):
+    """The BlockMask is built once, by ``prepare`` (before the forward, outside flex's compiled region), and used by
+    every later call on the same stream."""
     from torch.nn.attention.flex_attention import create_block_mask
     from transformers.integrations.flex_attention import flex_attention_forward
 
+    from cipo.trainer import sequence_parallel
+
+    builds: list[int] = []
+
+    def counted(position_ids):
+        builds.append(position_ids.numel())
+        return block_mask(position_ids)
+
+    monkeypatch.setattr(sequence_parallel, "block_mask", counted)
     pos = torch.cat([torch.arange(37), torch.arange(20, 45), torch.arange(61)])  # segment with a sibling, a plain one
     q, k, v = _qkv(pos.numel(), seed=2)
     causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, None, pos.numel(), pos.numel(), device="cpu")
     wrapped = position_masked_attention(flex_attention_forward, "flex_attention")
-    out, _ = wrapped(_Attention(), q, k, v, causal, position_ids=pos[None], scaling=8 ** -0.5)
+    wrapped.prepare(pos)
     expected = _reference(q, k, v, dense_mask(pos))
-    assert (out - expected).abs().max() <= 1e-5
+    for _ in range(2):  # two layers
+        out, _ = wrapped(_Attention(), q, k, v, causal, position_ids=pos[None], scaling=8 ** -0.5)
+        assert (out - expected).abs().max() <= 1e-5
+    assert builds == [pos.numel()]
 
 
 # ------------------------------------------------------------------------------------------------ the group
