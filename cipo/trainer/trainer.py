@@ -58,7 +58,7 @@ from .backend import export_hf, make_backend
 from .checkpoint import atomic_write_text, checkpoint_path, latest_checkpoint, publish_checkpoint
 from .config import TrainConfig, config_to_dict
 from .config_io import ConfigError
-from .distributed import init_distributed
+from .distributed import init_distributed, launched_world_size
 from .mini_batch import MiniBatch, mini_batch_rows, partition_rows, stream_normalizers
 from .prompt_stream import PromptStream
 from .scoring import RewardScorer
@@ -148,6 +148,10 @@ class CIPOTrainer:
         self.run_dir = Path(config.trainer.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.trainer.device)
+        sp, launched = config.actor.ulysses_sequence_parallel_size, launched_world_size()
+        if launched % sp:
+            raise ConfigError(f"actor.ulysses_sequence_parallel_size={sp} must divide the launch's {launched} rank(s): "
+                              f"start a multiple of {sp} processes (torchrun --nproc_per_node ...) or set it to 1")
         self.dist = init_distributed(self.device.type, required=config.actor.strategy == "deepspeed",
                                      sp_size=config.actor.ulysses_sequence_parallel_size)
         if self.device.type == "cuda" and self.dist.distributed:

@@ -233,3 +233,12 @@ def test_gradient_divisor_follows_deepspeeds_averaging():
     with pytest.raises(ValueError, match="reduce_scatter: true"):
         gradient_divisor({"zero_optimization": {"stage": 3, "reduce_scatter": False}},
                          DistContext(rank=0, world_size=2, sp_size=2))
+
+
+def test_trainer_refuses_a_launch_the_group_does_not_divide(tmp_path):
+    from cipo.trainer.trainer import CIPOTrainer
+
+    config = load_config(None, ["actor.ulysses_sequence_parallel_size=2", "actor.strategy=deepspeed",
+                                f"trainer.run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"must divide the launch's 1 rank\(s\)"):
+        CIPOTrainer(config)

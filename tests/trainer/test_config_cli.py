@@ -68,7 +68,8 @@ def test_cli_names_file_and_row_of_a_malformed_dataset(tmp_path: Path, capsys):
     data = tmp_path / "train.jsonl"
     good = '{"prompt": "1+1?", "reward_model": {"ground_truth": "2"}, "data_source": "math"}'
     data.write_text(good + "\n" + '{"prompt": "2+2?", "data_source": "math"}\n')
-    code = main(["train", str(CONFIGS[0]), "--set", f"data.train_files=[{data}]", "--set",
+    config = next(c for c in CONFIGS if c.name == "qwen3_4b_math.yaml")  # one process: it reaches the data
+    code = main(["train", str(config), "--set", f"data.train_files=[{data}]", "--set",
                  f"data.val_files=[{data}]", "--set", f"trainer.run_dir={tmp_path / 'run'}"])
     assert code == 2
     err = capsys.readouterr().err
