@@ -7,9 +7,13 @@ world even for one process) and keeps that port bound, so a child that inherited
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -29,3 +33,11 @@ def child_env(**extra: str) -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
     env.update(extra)
     return env
+
+
+def run_quick_benchmark(module: str, out: Path, stem: str) -> dict[str, Any]:
+    """``python -m <module> --quick --out <out>`` (fails the test with its output if it fails); its JSON."""
+    proc = subprocess.run([sys.executable, "-m", module, "--quick", "--out", str(out)], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / f"{stem}.json").read_text())

@@ -4,27 +4,18 @@ baseline's peak per rank. Asserts no timings."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests._launch import child_env
+from tests._launch import run_quick_benchmark
 
 pytest.importorskip("deepspeed")
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("ulysses")
-    proc = subprocess.run([sys.executable, "-m", "bench.ulysses", "--quick", "--out", str(out)], cwd=REPO,
-                          env=child_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return out, json.loads((out / "ulysses_cpu-quick.json").read_text())
+    return out, run_quick_benchmark("bench.ulysses", out, "ulysses_cpu-quick")
 
 
 def test_rows_and_the_same_step(quick):
