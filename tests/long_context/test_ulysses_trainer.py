@@ -3,8 +3,8 @@ micro-batch's tokens in pairs give the steps of one DeepSpeed process that does 
 gradient norms to 1e-5 relative over 2 steps of 2 epochs (so the updated weights agree too; the attention's sums
 run per head group and the loss over the same rows, in another order). Cases: 2 ranks with the plain packed layout
 under ZeRO-3, and with the shared prefix under ZeRO-2; 4 ranks (2 data-parallel × 2 sequence-parallel) with the
-shared prefix under ZeRO-3. Each rank's decoder sees half of the tokens (``batch/tokens_forward`` sums the
-shards). About 1 min on the 2-core machine."""
+shared prefix under ZeRO-3; 2 ranks with one sequence per micro-batch. Each rank's decoder sees half of the tokens
+(``batch/tokens_forward`` sums the shards). About 1.5 min on the 2-core machine."""
 
 from __future__ import annotations
 
@@ -34,14 +34,19 @@ def run(run_dir: Path, ranks: int, *extra: str, resume: bool = False) -> list[di
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize(("ranks", "shared_prefix", "stage"), [(2, False, 3), (2, True, 2), (4, True, 3)],
-                         ids=["sp2-packed-zero3", "sp2-shared_prefix-zero2", "dp2xsp2-shared_prefix-zero3"])
-def test_sequence_parallel_ranks_equal_one_process(tmp_path: Path, ranks: int, shared_prefix: bool, stage: int):
+@pytest.mark.parametrize(("ranks", "shared_prefix", "stage", "budget"),
+                         [(2, False, 3, 384), (2, True, 2, 384), (4, True, 3, 384), (2, False, 3, 1)],
+                         ids=["sp2-packed-zero3", "sp2-shared_prefix-zero2", "dp2xsp2-shared_prefix-zero3",
+                              "sp2-one-sequence-per-micro-batch-zero3"])
+def test_sequence_parallel_ranks_equal_one_process(tmp_path: Path, ranks: int, shared_prefix: bool, stage: int,
+                                                   budget: int):
     """The gradient norm checks the gradient's scale, which Adam's update would hide: DeepSpeed divides the ranks'
-    sum by a different number on ZeRO-2 and ZeRO-3 under SP (backend.gradient_divisor)."""
+    sum by a different number on ZeRO-2 and ZeRO-3 under SP (backend.gradient_divisor). With one sequence per
+    micro-batch one rank of the group has no loss rows in every micro-batch (its zero loss must still reach the
+    weights ZeRO-3 gathered)."""
     # two epochs: the old log-probs come from a sequence-parallel no-grad forward, so ratios move off 1
     switches = (f"actor.shared_prefix={str(shared_prefix).lower()}", f"deepspeed.zero_stage={stage}",
-                "actor.ppo_epochs=2")
+                "actor.ppo_epochs=2", f"actor.micro_batch_tokens={budget}")
     one = run(tmp_path / "one", 1, *switches)
     sp = run(tmp_path / "sp", ranks, *switches, "actor.ulysses_sequence_parallel_size=2")
     assert len(one) == len(sp) == 2
