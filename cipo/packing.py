@@ -214,12 +214,16 @@ class PackedBatch:
             ))
         return out
 
+    def token_index(self, rows: Sequence[int]) -> torch.Tensor:
+        """``[n]`` int64 (on the batch's device): the token positions of sequences ``rows``, in that order."""
+        cu = self.cu_seqlens.tolist()
+        parts = [torch.arange(cu[r], cu[r + 1]) for r in rows]
+        return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(self.device)
+
     def select(self, rows: Sequence[int]) -> "PackedBatch":
         """A new batch of the given sequences, in the given order (micro-batching on sequence boundaries)."""
         cu = self.cu_seqlens.tolist()
-        token_idx = [torch.arange(cu[r], cu[r + 1]) for r in rows]
-        tok = torch.cat(token_idx).to(self.device) if token_idx else torch.zeros(0, dtype=torch.long,
-                                                                                  device=self.device)
+        tok = self.token_index(rows)
         seq = torch.as_tensor(list(rows), dtype=torch.long, device=self.device)
         new_cu = torch.zeros(len(rows) + 1, dtype=torch.int32)
         new_cu[1:] = torch.cumsum(torch.tensor([cu[r + 1] - cu[r] for r in rows], dtype=torch.int32), 0)

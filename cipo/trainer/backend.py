@@ -36,7 +36,7 @@ from .config import TrainConfig
 from .distributed import DistContext
 from .forward import lm_head_weight, packed_hidden_states
 from .long_context import CheckpointOffload, configure_model
-from .sequence_parallel import UlyssesSP, optional_sp, token_index
+from .sequence_parallel import UlyssesSP, optional_sp
 from .shared_prefix import SharedPrefixLayout
 
 POLICY_PREFIX = "policy."  # PolicyModule's name for the HF model: stripped from exported state-dict keys
@@ -131,11 +131,11 @@ class PolicyModule(nn.Module):
         if loss_rows is None or logp_only:
             return self.head(hidden, batch, loss_cfg, fused=fused, logp_only=logp_only, **loss_kwargs)
         rows = loss_rows or [0]  # no rows: run the loss on one and zero it, so the backward reaches the same weights
-        hidden = hidden.index_select(0, token_index(batch, rows))
+        hidden = hidden.index_select(0, batch.token_index(rows))
         advantages = loss_kwargs.get("advantages")
         if advantages is not None:  # [S] per sequence, or [T] per token
             picked = advantages[rows] if advantages.numel() == batch.num_seqs else \
-                advantages[token_index(batch, rows)]
+                advantages[batch.token_index(rows)]
             loss_kwargs = {**loss_kwargs, "advantages": picked}
         loss, metrics = self.head(hidden, batch.select(rows), loss_cfg, fused=fused, logp_only=False, **loss_kwargs)
         return (loss, metrics) if loss_rows else (loss * 0.0, {})

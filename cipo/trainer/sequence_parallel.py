@@ -282,13 +282,6 @@ def _route_by_module(model: nn.Module, sequence_parallel: Callable[..., Any],
     return attention
 
 
-def token_index(batch: PackedBatch, rows: list[int]) -> torch.Tensor:
-    """``[n]`` int64: the token positions of ``batch``'s sequences ``rows``, in that order."""
-    cu = batch.cu_seqlens.tolist()
-    parts = [torch.arange(cu[r], cu[r + 1]) for r in rows]
-    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)).to(batch.device)
-
-
 def optional_sp(model: nn.Module, size: int) -> Optional[UlyssesSP]:
     """:meth:`UlyssesSP.setup` for ``size`` > 1, else None."""
     return UlyssesSP.setup(model, size) if size > 1 else None

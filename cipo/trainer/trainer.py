@@ -401,13 +401,11 @@ class CIPOTrainer:
         """``[N]`` float32 log-probs of ``batch``'s targets under ``forward`` (a policy module or backend; 0
         where there is no target), over the given (padded) micro-batches."""
         out = torch.zeros(batch.num_tokens, dtype=torch.float32, device=self.device)
-        cu = batch.cu_seqlens.tolist()
         for rows in micro:
             logp = forward(batch.select(rows if rows is not None else [0]), self.loss_cfg, logp_only=True)
             if rows is None:
                 continue
-            index = torch.cat([torch.arange(cu[r], cu[r + 1]) for r in rows])
-            out[index.to(self.device)] = logp.float()
+            out[batch.token_index(rows)] = logp.float()
         return out
 
     # ------------------------------------------------------------------------------------------- evaluation
