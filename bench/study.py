@@ -67,7 +67,7 @@ COMMON = ["trainer.num_threads=1", "trainer.eval_prompts=0", "trainer.save_every
 # --quick: a smaller model, batch and response budget, a 20-step warm start and HF rollouts (no vLLM import or
 # engine start per process): the whole pipeline in a couple of minutes, numbers meaningless.
 QUICK = [
-    "algorithm.train_batch_size=8", "algorithm.rollouts_per_prompt=4", "algorithm.correction_batch_size=8",
+    "algorithm.train_batch_size=8", "rollout.n=4", "algorithm.correction_batch_size=8",
     "algorithm.correction_rollouts=2", "algorithm.template={max_attempt_tokens: 24}", "data.synthetic_train_size=400",
     "rollout.max_response_length=16", "rollout.engine=hf",
     "warmstart.max_steps=20", "warmstart.check_every=20", "warmstart.check_prompts=16",
@@ -147,7 +147,9 @@ def build_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
         for arm in args.arms:
             run_dir = work / f"seed{seed}" / arm
             arm_set = [*base, f"trainer.seed={seed}", f"trainer.run_dir={run_dir}",
-                       f"model.path={ws_dir / 'init_model'}", "warmstart.max_steps=0", *ARMS[arm]]
+                       f"model.path={ws_dir / 'init_model'}", "warmstart.max_steps=0",
+                       "model.tiny_overrides={}",  # the warm start's saved model already has them (a ConfigError else)
+                       *ARMS[arm]]
             jobs.append({"kind": "arm", "arm": arm, "seed": seed, "config": str(args.config), "overrides": arm_set,
                          "run_dir": str(run_dir), "eval": eval_spec})
     return jobs

@@ -55,8 +55,10 @@ def worker(out_dir: Path, quick: bool) -> None:
     """One rank (under torchrun): the sweep with sp = 1, then with sp = 2; rank 0 writes ``rows.json``."""
     import deepspeed
 
+    from cipo.trainer.build_locks import prepare_deepspeed
     from cipo.trainer.sequence_parallel import UlyssesSP
 
+    prepare_deepspeed()  # as the trainer: no shm op to build, no endless wait on a stale build lock
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
     device = torch.device("cpu")

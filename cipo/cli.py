@@ -15,7 +15,10 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer.trainer import CIPOTrainer
 
     config = load_config(args.config, args.set)
-    trainer = CIPOTrainer(config, resume=args.resume)
+    trainer = CIPOTrainer(config, resume=args.resume, overwrite=args.overwrite)
+    if trainer.moved_aside is not None:
+        print(f"cipo: --overwrite: the previous run in {config.trainer.run_dir} was moved to {trainer.moved_aside}",
+              file=sys.stderr)
     try:
         summary = trainer.train()
     finally:
@@ -88,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set actor.lr=1e-4 (repeatable)")
-    train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="trainer.run_dir may hold another run: move it aside to RUN_DIR.replaced-<time> (nothing "
+                            "is deleted) and start a new one")
     train.set_defaults(func=_train)
     gen = sub.add_parser("generate", help="sample from a run's latest checkpoint (or an HF model directory)")
     gen.add_argument("--run-dir", required=True)
@@ -132,14 +139,40 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from .data.dataset import DatasetError
     from .evaluation import EvalError
+    from .trainer.build_locks import StaleBuildLockError
+    from .trainer.checkpoint import CheckpointError
     from .trainer.config_io import ConfigError
+    from .trainer.run_dir import RunDirError
+    from .trainer.trainer import NonFiniteError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, EvalError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, EvalError, FileNotFoundError, RunDirError, CheckpointError,
+            StaleBuildLockError) as exc:
         print(f"cipo: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"cipo: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        # read-only or full disk, permissions: one line (torch chains its own error to the OSError)
+        print(f"cipo: error: {describe_os_error(exc, args.command)}", file=sys.stderr)
+        return 1
+
+
+def describe_os_error(exc: OSError, command: str = "train") -> str:
+    """One line for an operating-system error: what failed on which file, and what to do."""
+    import errno
+
+    where = f" ({exc.filename})" if exc.filename else ""
+    elsewhere = " or choose another trainer.run_dir" if command == "train" else ""
+    hints = {errno.ENOSPC: f"free disk space{elsewhere}", errno.EDQUOT: f"free disk space{elsewhere}",
+             errno.EROFS: f"the file system is read-only{elsewhere.replace(' or', ':')}",
+             errno.EACCES: f"check the permissions{elsewhere}", errno.EPERM: f"check the permissions{elsewhere}"}
+    hint = hints.get(exc.errno, "")
+    intact = "; files written before (checkpoints, metrics) are intact" if command == "train" else ""
+    return f"{exc.strerror or exc}{where}" + (f"; {hint}" if hint else "") + intact
 
 
 if __name__ == "__main__":

@@ -158,13 +158,13 @@ def resampling_baselines(correct_counts: Sequence[int], n: int) -> dict[str, flo
 # ------------------------------------------------------------------------------------------------- shared pieces
 
 
-def truncated_prompt_ids(tokenizer, messages, max_prompt_length: int) -> list[int]:
-    """A chat prompt's ids, keeping the last ``max_prompt_length`` (the assistant turn's opening must survive) —
-    the trainer's rule for over-long prompts."""
+def truncated_prompt_ids(tokenizer, messages, max_prompt_length: int, truncation: str = "left") -> list[int]:
+    """A chat prompt's ids cut to ``max_prompt_length`` on the side ``truncation`` names (``data.truncation``) —
+    the trainer's rule for over-long prompts (:class:`cipo.trainer.setup.PromptTruncator`)."""
     from .data.dataset import chat_prompt_ids
+    from .trainer.setup import PromptTruncator
 
-    ids = chat_prompt_ids(tokenizer, messages)
-    return ids[-max_prompt_length:] if len(ids) > max_prompt_length else ids
+    return PromptTruncator(tokenizer, max_prompt_length, truncation)(chat_prompt_ids(tokenizer, messages))
 
 
 def sample_and_score(engine, scorer, prompts: list[list[int]], rows: Sequence[dict], n: int, sampling,
@@ -214,7 +214,7 @@ class RunPolicy:
 
 def load_run_config(run_dir: Union[str, Path]):
     """The :class:`cipo.trainer.config.TrainConfig` a run was trained with (``RUN/config.yaml``)."""
-    from .trainer.config import load_config
+    from .trainer.config import load_run_config as load_recorded_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -222,18 +222,20 @@ def load_run_config(run_dir: Union[str, Path]):
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a cipo run directory: no config.yaml (made by `cipo train`)")
-    return load_config(config_file)
+    return load_recorded_config(config_file)  # runs recorded before rollout.n was the group size included
 
 
 def initial_model_dir(run_dir: Path, config) -> Path:
     """The HF directory the run started from: ``init_model/`` (the built tiny model) or ``model.path``."""
+    from .trainer.setup import model_directory
+
     if (run_dir / "init_model" / "config.json").is_file():
         return run_dir / "init_model"
-    path = Path(config.model.path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: the initial model is missing (no init_model/config.json, and "
-                                f"model.path={config.model.path!r} is not an HF directory)")
-    return path
+    try:
+        return model_directory(config.model.path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{run_dir}: the initial model is missing (no init_model/config.json): {exc}"
+                                ) from None
 
 
 def resolve_policy(run_dir: Union[str, Path], step: Optional[int], config) -> RunPolicy:
@@ -278,13 +280,14 @@ def held_out_rows(config, data: Optional[Union[str, Path]], prompts: Optional[in
         rows = load_dataset(data)  # FileNotFoundError / DatasetError ("no rows") name the file
         source = str(data)
     elif not config.data.train_files and not config.data.val_files:
-        from .data import synthetic
+        from .data.tasks import make_task_splits
 
         count = prompts or config.data.synthetic_val_size
-        _, rows = synthetic.make_splits(config.data.synthetic_train_size, count, seed=config.trainer.seed,
-                                        difficulty=config.data.synthetic_difficulty or None)
+        _, rows = make_task_splits(config.data.synthetic_task, config.data.synthetic_train_size, count,
+                                   seed=config.trainer.seed, difficulty=config.data.synthetic_difficulty or None)
         difficulty = config.data.synthetic_difficulty or "default"
-        source = (f"synthetic held-out split (seed {config.trainer.seed}, difficulty {difficulty}, disjoint from "
+        source = (f"synthetic {config.data.synthetic_task} held-out split (seed {config.trainer.seed}, difficulty "
+                  f"{difficulty}, disjoint from "
                   "the run's training prompts)")
     elif config.data.val_files:
         rows = [row for path in config.data.val_files for row in load_dataset(path)]
@@ -356,9 +359,15 @@ def evaluate_run(run_dir: Union[str, Path], step: Optional[int] = None, data: Op
         if policy.weights is not None:
             rollout_engine.update_weights(policy.weights.items())
         tokenizer = rollout_engine.tokenizer
+        from .data.dataset import chat_prompt_ids
+        from .trainer.setup import PromptTruncator, screen_prompts
+
+        # the trainer's rule: refused above data.max_truncated_fraction, dropped or cut as data.truncation says
+        rows, screen = screen_prompts(rows, lambda prompt: chat_prompt_ids(tokenizer, prompt), config, "held-out")
+        truncate = PromptTruncator(tokenizer, config.data.max_prompt_length, config.data.truncation)
 
         def prompt_ids(messages) -> list[int]:
-            return truncated_prompt_ids(tokenizer, messages, config.data.max_prompt_length)
+            return truncate(chat_prompt_ids(tokenizer, messages))
 
         ids = [prompt_ids(row["prompt"]) for row in rows]
         texts, scores = sample_and_score(rollout_engine, scorer, ids, rows, n, sampling, desc="eval: attempts",
@@ -388,6 +397,7 @@ def evaluate_run(run_dir: Union[str, Path], step: Optional[int] = None, data: Op
             "seed": seed, "temperature": temp, "max_tokens": rollout.max_response_length,
             "attempts_per_prompt": attempts_per_prompt, "refinements": refinements,
             "correct_counts": counts, "seconds": time.perf_counter() - started,
+            "prompts_over_limit": screen["over_limit"], "prompts_cut": truncate.count,
         })
     finally:
         rollout_engine.close()

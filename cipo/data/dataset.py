@@ -90,8 +90,13 @@ def load_jsonl(path: str | os.PathLike, default_data_source: str | None = None, 
     """Rows of a JSONL file (one JSON object per line; blank lines skipped)."""
     path = Path(path)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: a non-UTF-8 line is reported with its number, not as a bare decode error
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _fail(path, f"line {lineno}", f"not UTF-8 (byte {raw[exc.start]:#04x} at column "
+                                                    f"{exc.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

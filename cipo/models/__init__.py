@@ -1,5 +1,6 @@
-"""Tiny models and tokenizers built in code (no hub downloads)."""
+"""Tiny models and tokenizers built in code (no hub downloads); real models from local GGUF files."""
 
+from cipo.models.gguf_source import ModelSourceError, resolve_model_source
 from cipo.models.tiny import (
     CHAT_TEMPLATE,
     DEFAULT_MODEL_CONFIG,
@@ -12,8 +13,10 @@ from cipo.models.tiny import (
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_MODEL_CONFIG",
+    "ModelSourceError",
     "build_tiny_model",
     "build_tiny_tokenizer",
     "ensure_tiny_checkpoint",
     "load_tiny",
+    "resolve_model_source",
 ]

@@ -12,7 +12,7 @@ Public API:
 This package imports neither torch nor math-verify at import time (math-verify loads on first math verification).
 """
 
-from .batch import VerifierPool, verify_batch
+from .batch import NoMainGuardError, VerifierPool, verify_batch
 from .code_verifier import CodeVerifier, extract_code, parse_tests
 from .math_verifier import MathVerifier, extract_answer
 from .sandbox import ExecResult, LocalSandbox, SandboxCapabilities, SandboxUnavailable, detect_capabilities
@@ -25,6 +25,7 @@ __all__ = [
     "ExecResult",
     "LocalSandbox",
     "MathVerifier",
+    "NoMainGuardError",
     "RewardResult",
     "SandboxCapabilities",
     "SandboxFusionBackend",

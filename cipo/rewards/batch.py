@@ -15,6 +15,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 from collections import deque
 from multiprocessing.connection import wait
@@ -25,6 +26,24 @@ from .types import RewardResult, Verifier
 _START_TIMEOUT_S = 120.0  # a worker that is not ready by then is replaced
 _MAX_START_FAILURES = 3  # consecutive workers that die before ready: give up on the batch (score 0, reason)
 _PRELOAD = ["cipo.rewards", "cipo.rewards.math_verifier", "math_verify"]
+# Exit status of a worker that found itself starting a pool while re-importing the caller's main script (no
+# `if __name__ == "__main__":` guard); the parent turns it into NoMainGuardError.
+_NO_MAIN_GUARD_EXIT = 86
+
+
+class NoMainGuardError(RuntimeError):
+    """verify_batch / VerifierPool was started from the top level of a script without a ``__main__`` guard."""
+
+
+def _no_main_guard_message() -> str:
+    # In a worker re-importing the script, the script runs as `__mp_main__`.
+    module = sys.modules.get("__mp_main__") or sys.modules.get("__main__")
+    main = getattr(module, "__file__", None) or "your script"
+    return (f"verify_batch/VerifierPool was called at the top level of {main} without an "
+            f"`if __name__ == \"__main__\":` guard. Its worker processes (start method 'forkserver' or 'spawn') "
+            f"import the main script again, which starts another pool instead of verifying. Move the code that "
+            f"calls verify_batch/VerifierPool under `if __name__ == \"__main__\":` (or call it with workers=0 to "
+            f"verify inline).")
 
 
 def _worker_main(conn: Any, verifier: Verifier) -> None:
@@ -97,6 +116,12 @@ class VerifierPool:
                  start_method: str | None = None, chunk_size: int | None = None) -> None:
         if workers < 1:
             raise ValueError("workers must be >= 1 (use verify_batch(workers=0) to run inline)")
+        if getattr(mp.current_process(), "_inheriting", False):
+            # We are a worker of a pool in the parent, re-importing its main script (no __main__ guard) before
+            # our own start-up is done: say why on stderr and exit with a status the parent recognises.
+            sys.stderr.write(f"cipo.rewards worker: {_no_main_guard_message()}\n")
+            sys.stderr.flush()
+            os._exit(_NO_MAIN_GUARD_EXIT)
         self.verifier = verifier
         self.n_workers = int(workers)
         self.chunk_size = chunk_size
@@ -191,6 +216,11 @@ class VerifierPool:
                         died = True  # protocol violation: treat as dead
                         break
                 if died or not w.proc.is_alive():
+                    if not w.ready:
+                        w.proc.join(1.0)
+                        if w.proc.exitcode == _NO_MAIN_GUARD_EXIT:
+                            self.close()
+                            raise NoMainGuardError(_no_main_guard_message())
                     if w.queue:
                         results[w.queue.popleft()] = RewardResult(0.0, "worker_died", {"exitcode": w.proc.exitcode})
                     elif not w.ready:
@@ -236,6 +266,9 @@ def verify_batch(verifier: Verifier, items: Iterable[Sequence[Any]], workers: in
 
     ``workers=0`` runs inline in this process (no isolation, no per-item deadline beyond math-verify's own alarms;
     for debugging). Pass ``pool`` to reuse running workers across batches (the RL loop should).
+
+    Raises :class:`NoMainGuardError` when called at the top level of a script without an
+    ``if __name__ == "__main__":`` guard (the workers would re-run the script); bad items never raise.
     """
     if pool is not None:
         return pool.map(items)

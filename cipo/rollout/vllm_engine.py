@@ -103,6 +103,22 @@ def _env_defaults(**values: str):
             os.environ.pop(k, None)
 
 
+def _refresh_tied_output_head(worker) -> None:
+    """Re-derive the output head's kernel form from the (tied) embedding it shares, on a vLLM worker.
+
+    A tied head is never loaded by name (vLLM's loaders skip ``lm_head.*`` when embeddings are tied), so a weight
+    reload updates the shared tensor but not what the head's ``process_weights_after_loading`` derived from it at
+    start: on CPU a prepacked GEMM copy of the vocabulary matrix, which kept sampling from the initial weights (a
+    logprob error of ~70 after one update, measured on a tied Llama). Re-running that step on the head alone fixes
+    it; it is a no-op where nothing is derived (unquantized heads on GPU).
+    """
+    model = worker.model_runner.model
+    head = getattr(model, "lm_head", None)
+    method = getattr(head, "quant_method", None)
+    if head is not None and method is not None and hasattr(method, "process_weights_after_loading"):
+        method.process_weights_after_loading(head)
+
+
 class VLLMEngine(RolloutEngine):
     """vLLM ``LLM`` wrapper implementing ``RolloutEngine``.
 
@@ -191,6 +207,7 @@ class VLLMEngine(RolloutEngine):
             _protect_default_process_group(self.llm)
         self.tokenizer = self.llm.get_tokenizer()
         self.vocab_size = int(hf_cfg.vocab_size)
+        self.tied_embeddings = bool(getattr(hf_cfg, "tie_word_embeddings", False))
         self.max_model_len = max_model_len
         self.eos_token_id = self.tokenizer.eos_token_id
 
@@ -250,6 +267,8 @@ class VLLMEngine(RolloutEngine):
         weights = ((name, t.detach()) for name, t in named_tensors)
         self._wake(("weights",))  # not the KV cache yet: it is allocated by the next generate
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.tied_embeddings:
+            self.llm.collective_rpc(_refresh_tied_output_head)
         if "kv_cache" not in self._asleep:  # (sleep already dropped the KV cache and reset the prefix cache)
             # Cached prompt KV blocks were computed with the old weights.
             self.llm.reset_prefix_cache()

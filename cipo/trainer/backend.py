@@ -36,6 +36,8 @@ from .config import TrainConfig
 from .distributed import DistContext
 from .forward import lm_head_weight, packed_hidden_states
 from .long_context import CheckpointOffload, configure_model
+from .lora import base_model, is_lora, lora_scaling, merged_named_weights
+from .master_weights import MasterWeights
 from .sequence_parallel import UlyssesSP, optional_sp
 from .shared_prefix import SharedPrefixLayout
 
@@ -166,8 +168,12 @@ class TorchBackend:
         self.offload = CheckpointOffload(actor.checkpoint_offload)
         self.dist = dist
         self.grad_clip = actor.grad_clip
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=actor.lr, betas=tuple(actor.betas),
-                                           weight_decay=actor.weight_decay)
+        self.lora = actor.lora
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # bf16 weights: the optimizer updates fp32 masters (cipo/trainer/master_weights.py)
+        self.master = MasterWeights(trainable) if MasterWeights.needed(trainable) else None
+        self.optimizer = torch.optim.AdamW(self.master.params if self.master else trainable, lr=actor.lr,
+                                           betas=tuple(actor.betas), weight_decay=actor.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_schedule(actor.warmup_steps))
 
     def forward(self, batch: PackedBatch, loss_cfg: PolicyLossConfig, **kwargs: Any):
@@ -175,6 +181,8 @@ class TorchBackend:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.model.zero_grad(set_to_none=True)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         try:
@@ -182,20 +190,34 @@ class TorchBackend:
         finally:
             self.offload.end()
 
-    def step(self) -> float:
-        """Clip (``actor.grad_clip > 0``), update, advance the schedule; returns the pre-clip gradient norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    def step(self, skip: bool = False) -> tuple[float, bool]:
+        """Clip (``actor.grad_clip > 0``), update, advance the schedule; returns the pre-clip gradient norm and
+        whether the update was applied. It is not when ``skip`` (the caller saw a non-finite loss) or when the norm
+        is not finite: then the gradients are dropped and neither the weights nor the schedule move."""
+        if self.master is not None:
+            self.master.pull_grads()
+        owners = self.master.params if self.master is not None else self.model.parameters()
+        params = [p for p in owners if p.grad is not None]
+        # the norm clipping computes anyway (one fused reduction) doubles as the finiteness check of every gradient
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else math.inf))
+        if skip or not math.isfinite(norm):
+            self.zero_grad()
+            return norm, False
         self.optimizer.step()
+        if self.master is not None:
+            self.master.push()
         self.scheduler.step()
-        return norm
+        return norm, True
 
     @property
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def full_named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(HF name, full tensor)`` for every parameter (views of the live weights; do not modify)."""
+        """``(HF name, full tensor)`` for every parameter (views of the live weights; do not modify); LoRA adapters
+        merged into their base weights."""
+        if is_lora(self.model):
+            return merged_named_weights(self.model)
         return ((name, p.detach()) for name, p in self.model.named_parameters())
 
     def save(self, path: Path, client_state: dict[str, Any]) -> Path:
@@ -203,6 +225,10 @@ class TorchBackend:
         file = path.with_suffix(".pt")
         payload = {**client_state, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                    "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        if self.master is not None:
+            payload["master_weights"] = self.master.state_dict()
+        if is_lora(self.model):  # what cipo export / cipo eval need to merge the adapters
+            payload["lora_scaling"] = lora_scaling(self.lora)
         atomic_write_bytes(file, lambda handle: torch.save(payload, handle))
         return file
 
@@ -214,6 +240,12 @@ class TorchBackend:
         self.model.load_state_dict(payload.pop("model"))
         self.optimizer.load_state_dict(payload.pop("optimizer"))
         self.scheduler.load_state_dict(payload.pop("scheduler"))
+        masters = payload.pop("master_weights", None)
+        if self.master is not None:
+            if masters is None:
+                raise ValueError(f"{path} holds no fp32 master weights (written by a run with model.dtype=float32?); "
+                                 "resume with the model.dtype it was written with")
+            self.master.load_state_dict(masters)
         set_rng_state(payload.pop("rng"))
         return payload
 
@@ -229,6 +261,11 @@ class DeepSpeedBackend:
     def __init__(self, model: nn.Module, config: TrainConfig, dist: DistContext) -> None:
         import deepspeed
 
+        from .build_locks import prepare_deepspeed
+
+        # again here (init_distributed did it too): deepspeed.initialize builds its comm backend itself when the
+        # caller made the process group, and ZeRO-Offload JIT-builds CPU Adam
+        prepare_deepspeed()
         actor = config.actor
         self.model = model
         self.dist = dist
@@ -266,11 +303,18 @@ class DeepSpeedBackend:
         finally:
             self.offload.end()
 
-    def step(self) -> float:
-        """Clip (DeepSpeed's ``gradient_clipping``), update, advance the schedule; the pre-clip global norm."""
+    def step(self, skip: bool = False) -> tuple[float, bool]:
+        """Clip (DeepSpeed's ``gradient_clipping``), update, advance the schedule; the pre-clip global norm and
+        whether the update was applied.
+
+        DeepSpeed's ZeRO optimizers skip the update (and the schedule) themselves when the global gradient norm is
+        not finite — one all-reduced decision, the same on every rank. ``skip`` (this rank's loss was not finite)
+        cannot be honoured after ZeRO reduced the gradients; a non-finite loss gives a non-finite gradient in
+        practice, and the trainer counts a non-finite loss either way."""
         self.engine.step()
+        applied = bool(self.engine.was_step_applied())
         norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+        return (float(norm) if norm is not None else (0.0 if applied else math.inf)), applied
 
     @property
     def lr(self) -> float:
@@ -436,7 +480,7 @@ def export_hf(backend, tokenizer, out_dir: Path, dist: DistContext) -> Optional[
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        backend.model.save_pretrained(str(tmp), state_dict=state)
+        base_model(backend.model).save_pretrained(str(tmp), state_dict=state)
         tokenizer.save_pretrained(str(tmp))
         old = None
         if out_dir.exists():

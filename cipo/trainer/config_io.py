@@ -7,6 +7,7 @@ level, a value of the wrong type names the expected type.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -52,16 +53,56 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: the plain loader keeps the
+    last value, so ``lr: 1e-5`` further down a section would silently undo an earlier ``lr: 3e-4``."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # ``<<: *base``: the keys given next to a merge override it on purpose
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line + 1)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if first != key_node.start_mark.line + 1:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is "
+                              f"given twice in one mapping (first on line {first}); keep one")
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_yaml(path: Union[str, Path]) -> dict[str, Any]:
+    """The mapping of sections in YAML file ``path``. Refuses (ConfigError naming the file): a missing file, bytes
+    that are not UTF-8 (with the line), invalid YAML, a key given twice in one mapping, an empty file (it would
+    train with every default) and a top level that is not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+                          "save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    except ConfigError as exc:  # a duplicate key
+        raise ConfigError(f"{path}: {exc}") from None
+    if data is None or data == {}:
+        raise ConfigError(f"{path}: the config file is empty (it would train with every default); give at least "
+                          "the sections you mean, e.g. 'model: {path: tiny}'")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, rollout, actor, "
+                          f"algorithm, trainer, ...); got a {type(data).__name__}")
     return data
 
 
@@ -146,6 +187,10 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number; got {value!r}")
+        if not math.isfinite(value):
+            # YAML reads .inf/.nan and float() reads "nan"/"inf": none is a usable setting, and nan passes no
+            # comparison, so a range check written as "not (x <= 0)" would let it through.
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

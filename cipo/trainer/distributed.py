@@ -115,6 +115,10 @@ def init_distributed(device_type: str, required: bool = False, sp_size: int = 1)
         device_type: ``"cuda"`` (NCCL, one GPU per local rank) or ``"cpu"`` (gloo).
         required: make a group even without a launcher (DeepSpeed needs one): a world of one on a free local port.
         sp_size: ranks per Ulysses sequence-parallel group (must divide the world size).
+
+    Raises:
+        StaleBuildLockError: a DeepSpeed op's build lock that DeepSpeed would wait on forever
+            (:mod:`cipo.trainer.build_locks`); the message names the file to delete.
     """
     world = launched_world_size()
     if world <= 1 and not torch.distributed.is_initialized():
@@ -127,6 +131,9 @@ def init_distributed(device_type: str, required: bool = False, sp_size: int = 1)
     if not torch.distributed.is_initialized():
         import deepspeed
 
+        from .build_locks import prepare_deepspeed
+
+        prepare_deepspeed()  # DeepSpeed's start-up would otherwise JIT-build an op and may wait on a stale lock
         deepspeed.init_distributed(dist_backend="nccl" if device_type == "cuda" else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":

@@ -35,7 +35,12 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     """The policy's full weights in a checkpoint, under HF parameter names (fp32 for DeepSpeed checkpoints)."""
     path = Path(path)
     if path.is_file():
-        return load_checkpoint(path)["model"]
+        payload = load_checkpoint(path)
+        if "lora_scaling" in payload:
+            from .lora import merge_lora_state_dict
+
+            return merge_lora_state_dict(payload["model"], payload["lora_scaling"])
+        return payload["model"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
@@ -67,7 +72,9 @@ def _initial_model_dir(run_dir: Path) -> Path:
         return run_dir / "init_model"
     import yaml
 
+    from .setup import model_directory
+
     config_file = run_dir / "config.yaml"
     if not config_file.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no init_model/ and no config.yaml)")
-    return Path(yaml.safe_load(config_file.read_text())["model"]["path"])
+    return model_directory(str(yaml.safe_load(config_file.read_text())["model"]["path"]))

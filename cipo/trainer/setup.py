@@ -8,6 +8,7 @@ function takes the run's :class:`TrainConfig` and what it needs of the trainer's
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -18,6 +19,7 @@ from ..config import PolicyLossConfig
 from ..rollout import SamplingConfig, make_engine, vllm_available
 from .backend import PolicyModule, deepspeed_config
 from .config import TrainConfig
+from .config_io import ConfigError
 from .distributed import DistContext
 from .forward import lm_head_weight
 
@@ -35,12 +37,12 @@ def all_synthetic(config: TrainConfig) -> bool:
 
 def load_data(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     """The training and held-out rows (``data.*``): the synthetic splits, or the concatenated files."""
-    from ..data import synthetic
+    from ..data.tasks import make_task_splits
 
     data = config.data
     if all_synthetic(config):
-        return synthetic.make_splits(data.synthetic_train_size, data.synthetic_val_size, seed=config.trainer.seed,
-                                     difficulty=data.synthetic_difficulty or None)
+        return make_task_splits(data.synthetic_task, data.synthetic_train_size, data.synthetic_val_size,
+                                seed=config.trainer.seed, difficulty=data.synthetic_difficulty or None)
     from ..data.dataset import load_dataset
 
     train = [row for path in data.train_files for row in load_dataset(path)]
@@ -71,7 +73,10 @@ def make_rollout_engine(config: TrainConfig, device: torch.device, model_dir: Pa
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
     if kind == "vllm":
-        kwargs = {"seed": config.trainer.seed, "dtype": config.model.dtype}
+        # The longest sequence a run samples (prompts are cut to max_prompt_length): sizing vLLM for it rather than
+        # the model's own limit (8192 for SmolLM2) keeps the minimum KV cache small enough for its CPU budget.
+        kwargs = {"seed": config.trainer.seed, "dtype": config.model.dtype,
+                  "max_model_len": config.data.max_prompt_length + config.rollout.max_response_length}
         if device.type == "cuda":
             kwargs["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization
             kwargs["sleep_mode"] = config.rollout.free_cache_engine
@@ -118,18 +123,33 @@ def load_policy(config: TrainConfig, alg: CIPOConfig, run_dir: Path, device: tor
         history = dist.broadcast_object(history)
         source = init_dir
     else:
-        source = Path(model_cfg.path)
-        if not (source / "config.json").exists():
-            raise FileNotFoundError(f"model.path={model_cfg.path!r} is not a local HF model directory (no "
-                                    "config.json); cipo loads models from disk only")
+        source = model_directory(model_cfg.path)
         init_dir = source
     tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
     model = from_pretrained(config, source, device)
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if config.actor.lora.rank > 0:
+        from .lora import apply_lora
+
+        model = apply_lora(model, config.actor.lora)
     model.train()
     return model, tokenizer, init_dir, history
+
+
+def model_directory(path: str) -> Path:
+    """The local HF directory ``model.path`` names: the directory itself, or for ``"smollm2"`` and ``*.gguf`` files
+    the HF directory converted from the GGUF once and cached (:mod:`cipo.models.gguf_source`)."""
+    if path == "smollm2" or path.lower().endswith(".gguf"):
+        from ..models.gguf_source import resolve_model_source
+
+        return resolve_model_source(path)
+    source = Path(path)
+    if not (source / "config.json").exists():
+        raise FileNotFoundError(f"model.path={path!r} is not a local HF model directory (no config.json), a .gguf "
+                                "file or 'smollm2'; cipo loads models from disk only")
+    return source
 
 
 def build_tiny(config: TrainConfig, alg: CIPOConfig, init_dir: Path, train_rows: list[dict], device: torch.device,
@@ -192,3 +212,79 @@ def reference_model(config: TrainConfig, loss_cfg: PolicyLossConfig, model: torc
     for p in ref.parameters():
         p.requires_grad_(False)
     return PolicyModule(ref)
+
+
+# ------------------------------------------------------------------------------------------- prompt truncation
+
+
+def generation_suffix(tokenizer) -> list[int]:
+    """The token ids the chat template appends to open the assistant turn (``add_generation_prompt``), e.g.
+    ``<|im_start|>assistant\\n``: what a right-truncated prompt must keep at its end."""
+    messages = [{"role": "user", "content": "x"}]
+    opened = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    closed = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+    if not opened.startswith(closed):
+        return []
+    return list(tokenizer(opened[len(closed):], add_special_tokens=False)["input_ids"])
+
+
+class PromptTruncator:
+    """Cuts a rendered prompt's ids to ``data.max_prompt_length`` on the side ``data.truncation`` names and counts
+    the prompts it cut (``count``; the caller reports and resets it).
+
+    ``left`` keeps the end (the assistant opening survives, the beginning of the question goes); ``right`` keeps
+    the beginning and re-appends the assistant opening; ``drop`` removes over-long data rows before training
+    (:func:`screen_prompts`), so only prompts built during training (correction prompts) reach it: those are
+    cut on the left."""
+
+    def __init__(self, tokenizer, limit: int, side: str) -> None:
+        self.limit, self.side = limit, side
+        self.suffix = generation_suffix(tokenizer) if side == "right" else []
+        if len(self.suffix) >= limit:
+            raise ConfigError(f"data.max_prompt_length={limit} leaves no room for a prompt next to the chat "
+                              f"template's {len(self.suffix)}-token assistant opening")
+        self.count = 0
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        if len(ids) <= self.limit:
+            return ids
+        self.count += 1
+        if self.side != "right":
+            return ids[-self.limit:]
+        k = len(self.suffix)
+        body = ids[:-k] if k and ids[-k:] == self.suffix else ids
+        return body[:self.limit - k] + self.suffix
+
+
+def screen_prompts(rows: list[dict], prompt_ids: Callable[[Any], list[int]], config: TrainConfig,
+                   split: str) -> tuple[list[dict], dict[str, Any]]:
+    """Measure every row's rendered prompt against ``data.max_prompt_length`` before training: refuse (ConfigError)
+    when the share over it exceeds ``data.max_truncated_fraction``; with ``data.truncation: drop`` remove those
+    rows. Returns the rows kept and a report ``{split, rows, over_limit, longest, limit, truncation}``.
+
+    ``prompt_ids``: a row's ``prompt`` → its full (uncut) token ids."""
+    data = config.data
+    lengths = [len(prompt_ids(row["prompt"])) for row in rows]
+    over = [i for i, n in enumerate(lengths) if n > data.max_prompt_length]
+    report = {"split": split, "rows": len(rows), "over_limit": len(over), "longest": max(lengths, default=0),
+              "limit": data.max_prompt_length, "truncation": data.truncation}
+    if not over:
+        return rows, report
+    share = len(over) / len(rows)
+    action = {"left": "lose their beginning", "right": "lose their end", "drop": "be dropped"}[data.truncation]
+    if share > data.max_truncated_fraction:
+        raise ConfigError(
+            f"{len(over)} of {len(rows)} {split} prompts ({share:.2%}) are longer than data.max_prompt_length="
+            f"{data.max_prompt_length} tokens (longest: {report['longest']}; first: {split} row {over[0]}); with "
+            f"data.truncation: {data.truncation} they would {action}. Raise data.max_prompt_length, or allow it with "
+            f"data.max_truncated_fraction >= {share:.4g} (now {data.max_truncated_fraction})")
+    if data.truncation == "drop":
+        dropped = set(over)
+        rows = [row for i, row in enumerate(rows) if i not in dropped]
+        if not rows:
+            raise ConfigError(f"data.truncation: drop removed every {split} prompt (all longer than "
+                              f"data.max_prompt_length={data.max_prompt_length})")
+    warnings.warn(f"{len(over)} of {report['rows']} {split} prompts ({share:.2%}) are longer than "
+                  f"data.max_prompt_length={data.max_prompt_length} tokens and will {action} "
+                  f"(data.truncation: {data.truncation})", stacklevel=2)
+    return rows, report

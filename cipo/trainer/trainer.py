@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,14 +56,23 @@ from ..packing import PackedBatch
 from ..rollout import RolloutBatch
 from ..warmstart import chat_prompt_ids
 from .backend import export_hf, make_backend
-from .checkpoint import atomic_write_text, checkpoint_path, latest_checkpoint, publish_checkpoint
-from .config import TrainConfig, config_to_dict
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    checkpoint_path,
+    latest_checkpoint,
+    publish_checkpoint,
+    recovery_hint,
+)
+from .config import TrainConfig, check_model_positions, config_to_dict
 from .config_io import ConfigError
 from .distributed import init_distributed, launched_world_size
 from .mini_batch import MiniBatch, mini_batch_rows, partition_rows, stream_normalizers
 from .prompt_stream import PromptStream
+from .run_dir import check_resume_config, check_run_dir, move_aside
 from .scoring import RewardScorer
 from .setup import (
+    PromptTruncator,
     all_synthetic,
     decoder,
     encoder,
@@ -72,6 +82,7 @@ from .setup import (
     reference_model,
     resolve_device,
     sampling_config,
+    screen_prompts,
 )
 from .shared_prefix import shared_prefix_micro_batches
 
@@ -133,11 +144,23 @@ class StepMetrics:
         self.values.update(merged.values)
 
 
-class CIPOTrainer:
-    """Runs CIPO (or plain GRPO when the correction stream is off) as configured by a :class:`TrainConfig`."""
+class NonFiniteError(RuntimeError):
+    """Training stopped: too many consecutive updates had a non-finite loss or gradient, or the weights are not
+    finite. Nothing non-finite was written; the message names the last finite checkpoint."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+
+class CIPOTrainer:
+    """Runs CIPO (or plain GRPO when the correction stream is off) as configured by a :class:`TrainConfig`.
+
+    ``resume``: continue the run in ``trainer.run_dir`` from its latest checkpoint. ``overwrite``: the directory
+    may hold another run, which is moved aside first (:mod:`cipo.trainer.run_dir`); without either, a directory
+    holding a run is refused.
+    """
+
+    def __init__(self, config: TrainConfig, resume: bool = False, overwrite: bool = False) -> None:
         self.cfg = config
+        # every key, and the batch's split over this launch's ranks, checked before anything starts
+        config.resolve(world_size=launched_world_size())
         self.alg = config.cipo_config()
         self.loss_cfg: PolicyLossConfig = config.actor.loss_config(config.rollout.temperature)
         if self.loss_cfg.loss_agg_mode == "seq-mean-token-sum-norm" and self.loss_cfg.loss_scale_factor is None:
@@ -145,37 +168,46 @@ class CIPOTrainer:
             # The loss's own default (the longest sequence it sees) would differ between micro-batches and ranks.
             self.loss_cfg = dataclasses.replace(self.loss_cfg,
                                                 loss_scale_factor=float(config.rollout.max_response_length))
+        if config.actor.max_consecutive_nonfinite < 1:
+            raise ConfigError(f"actor.max_consecutive_nonfinite must be >= 1 (updates in a row with a non-finite "
+                              f"loss or gradient before training stops); got {config.actor.max_consecutive_nonfinite}")
         self.run_dir = Path(config.trainer.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # read-only checks, before anything is loaded or written (every rank sees the same directory)
+        check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
+        if resume:
+            check_resume_config(self.run_dir, config_to_dict(config))
+        self.moved_aside: Optional[Path] = None  # --overwrite: where the old run went
         self.device = resolve_device(config.trainer.device)
-        sp, launched = config.actor.ulysses_sequence_parallel_size, launched_world_size()
-        if launched % sp:
-            raise ConfigError(f"actor.ulysses_sequence_parallel_size={sp} must divide the launch's {launched} rank(s): "
-                              f"start a multiple of {sp} processes (torchrun --nproc_per_node ...) or set it to 1")
         self.dist = init_distributed(self.device.type, required=config.actor.strategy == "deepspeed",
                                      sp_size=config.actor.ulysses_sequence_parallel_size)
         if self.device.type == "cuda" and self.dist.distributed:
             self.device = torch.device("cuda", self.dist.local_rank)
-        dp_size = self.dist.dp_size  # the ranks that train different groups (all of them without Ulysses SP)
-        if dp_size > self.alg.train_batch_size:
-            raise ConfigError(f"algorithm.train_batch_size={self.alg.train_batch_size} is smaller than the "
-                             f"{dp_size} data-parallel ranks: every rank needs at least one prompt group")
-        mini = config.actor.ppo_mini_batch_size
-        if mini is not None and dp_size > mini:
-            raise ConfigError(f"actor.ppo_mini_batch_size={mini} is smaller than the {dp_size} data-parallel ranks: "
-                              "every rank needs at least one prompt group of each mini-batch; set it to >= "
-                              f"{dp_size}")
+        if overwrite and self.dist.is_main:
+            self.moved_aside = move_aside(self.run_dir)
+        self.dist.barrier()  # no rank writes before the old run is out of the way
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.nonfinite_streak = 0  # consecutive updates with a non-finite loss or gradient
         if config.trainer.num_threads > 0:
             torch.set_num_threads(config.trainer.num_threads)
         self.step = 0
         torch.manual_seed(config.trainer.seed)
 
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
-        if resume and checkpoint is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        if resume and checkpoint is None:  # check_run_dir refused this; the directory changed since
+            raise CheckpointError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
         self.train_rows, self.val_rows = load_data(config)
         self.model, self.tokenizer, self.init_dir, self.history = load_policy(
             config, self.alg, self.run_dir, self.device, self.dist, self.train_rows, fresh=checkpoint is None)
+        check_model_positions(config, getattr(self.model.config, "max_position_embeddings", None))
+        # Over-long prompts: counted, refused above data.max_truncated_fraction, dropped with truncation: drop —
+        # all before the prompt stream exists, so its indices (and a resume) see the same rows every time.
+        def full_ids(prompt) -> list[int]:
+            return chat_prompt_ids(self.tokenizer, prompt)
+
+        self.train_rows, train_report = screen_prompts(self.train_rows, full_ids, config, "training")
+        self.val_rows, val_report = screen_prompts(self.val_rows, full_ids, config, "held-out")
+        self.prompt_report = {"train": train_report, "val": val_report}
+        self.truncate = PromptTruncator(self.tokenizer, config.data.max_prompt_length, config.data.truncation)
         self.ref_model = reference_model(config, self.loss_cfg, self.model, self.init_dir, self.device)
         self.backend = make_backend(self.model, config, self.dist)
         self.stream = PromptStream(self.train_rows, seed=config.trainer.seed, shuffle=config.data.shuffle)
@@ -195,12 +227,8 @@ class CIPOTrainer:
     # ------------------------------------------------------------------------------------------- rollouts
 
     def _prompt_ids(self, messages) -> list[int]:
-        ids = chat_prompt_ids(self.tokenizer, messages)
-        limit = self.cfg.data.max_prompt_length
-        if len(ids) > limit:
-            # keep the end: the assistant turn's opening must survive
-            ids = ids[-limit:]
-        return ids
+        """The rendered prompt, cut to ``data.max_prompt_length`` as ``data.truncation`` says (and counted)."""
+        return self.truncate(chat_prompt_ids(self.tokenizer, messages))
 
     def _sample(self, prompts: list[list[int]], rows: list[dict], n: int,
                 seed: int) -> tuple[RolloutBatch, list[float]]:
@@ -268,8 +296,10 @@ class CIPOTrainer:
         picked = self.stream.next_batch(self.alg.train_batch_size)
         rows = [row for _, row in picked]
         keys = [index for index, _ in picked]
+        cut_before = self.truncate.count
         prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
-        base_out, base_scores = self._sample(prompt_ids, rows, self.alg.rollouts_per_prompt,
+        m.set(**{"base/truncated_prompts": self.truncate.count - cut_before})
+        base_out, base_scores = self._sample(prompt_ids, rows, self.cfg.rollout.n,
                                              step_seed(self.cfg.trainer.seed, step, 0))
         base_groups = self._groups(prompt_ids, base_out, base_scores, prompt_keys=keys)
         results = [PromptResult(prompt_id=key, prompt=row["prompt"],
@@ -298,7 +328,9 @@ class CIPOTrainer:
             return [], None
         corr_prompts = build_correction_prompts(selection, candidates, alg.template,
                                                 encode=self._encode, decode=self._decode)
+        cut_before = self.truncate.count
         corr_ids = [self._prompt_ids(p.messages) for p in corr_prompts]
+        m.set(**{"corr/truncated_prompts": self.truncate.count - cut_before})
         corr_rows = [self.train_rows[p.prompt_id] for p in selection.picks]  # prompt ids index the set
         corr_out, corr_scores = self._sample(corr_ids, corr_rows, alg.correction_rollouts,
                                              step_seed(self.cfg.trainer.seed, step, 1))
@@ -343,6 +375,8 @@ class CIPOTrainer:
                 plan.local.ref_logp = self._logp(self.ref_model, plan.local, plan.micro)
         per_update = [self._optimizer_step(plan) for _ in range(actor.ppo_epochs) for plan in plans]
         m.set(**_mean_over_updates(per_update))
+        # a count, not a mean: how many of the step's updates were skipped
+        m.set(**{"actor/skipped_nonfinite": sum(u["actor/skipped_nonfinite"] for u in per_update)})
         if len(per_update) > 1:
             last = {f"actor/last/{name[len('actor/'):]}": value for name, value in per_update[-1].items()
                     if name[len("actor/"):] not in ADDITIVE_LOSS_METRICS | UPDATE_METRICS}
@@ -370,13 +404,64 @@ class CIPOTrainer:
                 total += float(loss.detach())
                 own = sub if loss_rows is None else sub.select(loss_rows)
                 part.add_loss_metrics(metrics, weight=float(own.loss_mask.sum()))
-        grad_norm = self.backend.step()
+        # A non-finite loss or gradient skips the update: one NaN row makes the whole LM-head gradient NaN, and
+        # an applied step would carry it into every later checkpoint. The torch backend tests the gradient norm
+        # that clipping computes anyway (one fused reduction); DeepSpeed tests the global norm itself.
+        grad_norm, applied = self.backend.step(skip=not math.isfinite(total))
         update = StepMetrics()
         update.merge_loss_parts(self.dist.all_gather_object(part.loss_part()))
         loss_sum, padding = self.dist.all_reduce([total, plan.micro.count(None)])
         # padding: micro-batches run only to keep the ranks in step (0 on one rank; a load-imbalance gauge)
-        update.set(**{"actor/loss": loss_sum, "actor/grad_norm": grad_norm, "actor/padding_micro_batches": padding})
+        update.set(**{"actor/loss": loss_sum, "actor/grad_norm": grad_norm, "actor/padding_micro_batches": padding,
+                      "actor/skipped_nonfinite": float(not applied)})
+        self._count_nonfinite(loss_sum, grad_norm, applied)
         return update.values
+
+    def _count_nonfinite(self, loss: float, grad_norm: float, applied: bool) -> None:
+        """Track consecutive non-finite updates; stop after ``actor.max_consecutive_nonfinite``.
+
+        Every input is the same on every rank (the all-reduced loss, the global gradient norm, DeepSpeed's
+        all-reduced overflow decision), so every rank counts, and stops, identically."""
+        finite = applied and math.isfinite(loss) and math.isfinite(grad_norm)
+        if applied and not math.isfinite(grad_norm):
+            # only DeepSpeed decides this itself; a config that turns its overflow check off gets here
+            raise NonFiniteError(f"step {self.step + 1}: an update with a non-finite gradient norm ({grad_norm}) was "
+                                 "applied (is DeepSpeed's check_grad_overflow / compute_grad_norm off?); the weights "
+                                 f"are not finite and are not saved. {self._last_checkpoint_note()}")
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        limit = self.cfg.actor.max_consecutive_nonfinite
+        if self.nonfinite_streak >= limit:
+            raise NonFiniteError(
+                f"step {self.step + 1}: {self.nonfinite_streak} consecutive updates had a non-finite loss or gradient "
+                f"(last: loss {loss}, gradient norm {grad_norm}; actor.max_consecutive_nonfinite={limit}); they were "
+                "skipped, so the weights are finite, but training cannot go on. Look for NaN/inf in the data, "
+                f"rewards or advantages, or lower actor.lr. {self._last_checkpoint_note()}")
+
+    def _last_checkpoint_note(self) -> str:
+        try:
+            latest = latest_checkpoint(self.run_dir)
+        except CheckpointError:
+            latest = None
+        if latest is None:
+            return "No checkpoint was written yet."
+        return f"The last checkpoint is {latest} (resume it with --resume after fixing the cause)."
+
+    def _check_weights_finite(self, what: str) -> None:
+        """Refuse to write ``what`` (a checkpoint, the HF export) from non-finite weights: one fused fp32 norm per
+        device over this rank's weights (its ZeRO-3 partitions), the verdict reduced over the ranks."""
+        local = [getattr(p, "ds_tensor", p).detach() for p in self.model.parameters()]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for tensor in local:
+            if tensor.numel():
+                by_device.setdefault(tensor.device, []).append(tensor)
+        local_ok = all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32))).all())
+                       for group in by_device.values())
+        if self.dist.all_reduce([0.0 if local_ok else 1.0], op="max")[0] == 0.0:
+            return
+        bad = next((name for name, p in self.model.named_parameters()
+                    if not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())), "a partition on another rank")
+        raise NonFiniteError(f"step {self.step}: the weights are not finite ({bad}); {what} was not written. "
+                             f"{self._last_checkpoint_note()}")
 
     def _owned_rows(self, batch: PackedBatch, rows: Optional[Sequence[int]] = None) -> list[int]:
         """The sequences of ``rows`` (default: all) this rank trains on: whole groups, balanced by tokens over the
@@ -472,6 +557,7 @@ class CIPOTrainer:
         self.history["eval_after"] = self.evaluate()
         summary = self._summary(time.perf_counter() - started)
         if tcfg.save_hf_model:
+            self._check_weights_finite(f"{self.run_dir / 'hf_model'}")
             export_hf(self.backend, self.tokenizer, self.run_dir / "hf_model", self.dist)
         if main:
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -491,6 +577,10 @@ class CIPOTrainer:
             "correction_success_after": after.get("eval/correction_success"),
             "held_out_prompts": min(len(self.val_rows), self.cfg.trainer.eval_prompts),
             "held_out_failures": len(self.history.get("held_out_failures", [])),
+            # prompts over data.max_prompt_length per split (cut or dropped), and those cut during training
+            "prompts_over_limit": {"train": self.prompt_report["train"]["over_limit"],
+                                   "val": self.prompt_report["val"]["over_limit"],
+                                   "cut_in_training": self.truncate.count},
             "warmstart": self.history.get("warmstart"),
             "rollout_engine": type(self.engine).__name__,
             "world_size": self.dist.world_size,
@@ -510,6 +600,7 @@ class CIPOTrainer:
             "history": self.history,
             "config": config_to_dict(self.cfg),
         }
+        self._check_weights_finite(f"the checkpoint of step {self.step}")
         path = self.backend.save(checkpoint_path(self.run_dir, self.step), client_state)
         if self.dist.is_main:
             publish_checkpoint(path, keep=self.cfg.trainer.keep_checkpoints)
@@ -517,7 +608,18 @@ class CIPOTrainer:
         return path
 
     def _restore(self, path: Path) -> None:
-        state = self.backend.load(path)  # refuses a checkpoint another world size wrote
+        try:
+            state = self.backend.load(path)  # refuses a checkpoint another world size wrote
+        except (CheckpointError, FileNotFoundError):
+            raise
+        except (RuntimeError, ValueError, KeyError) as exc:
+            # e.g. load_state_dict's size-mismatch list (dozens of lines): its first lines say enough
+            lines = str(exc).strip().splitlines()
+            reason = " ".join(line.strip() for line in lines[:3]) + (f" (+{len(lines) - 3} more lines)"
+                                                                       if len(lines) > 3 else "")
+            raise CheckpointError(f"cannot resume from {path}: {type(exc).__name__}: {reason}; does the model "
+                                  f"match the one the run was started with? {recovery_hint(path.parent, path)}"
+                                  ) from exc
         self.stream.load_state_dict(state["stream"])
         self.tracker.load_state_dict(state["tracker"])
         self.controller.load_state_dict(state["controller"])
@@ -556,9 +658,29 @@ def _mean(values) -> float:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines of steps ≤ ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    """Keep the metric lines of steps ≤ ``step`` (a resumed run rewrites what came after its checkpoint).
+
+    A line that does not parse (a kill tore the last write, or the file was edited) is dropped with a warning;
+    when any is, the file as it was is kept first as ``metrics.jsonl.bak``, so nothing written is lost."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    kept, bad = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            line_step = record.get("step", 0) if isinstance(record, dict) else None
+        except json.JSONDecodeError:
+            line_step = None
+        if not isinstance(line_step, (int, float)):
+            bad.append(number)
+        elif line_step <= step:
+            kept.append(line)
+    if bad:
+        backup = path.with_name(path.name + ".bak")
+        atomic_write_text(backup, text)
+        print(f"cipo: warning: {path}: dropped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
+              f"{', ...' if len(bad) > 5 else ''}); the file as it was is kept in {backup}", file=sys.stderr)
     atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ pytest.importorskip("deepspeed")
 from safetensors.torch import load_file  # noqa: E402
 
 from cipo.rollout import vllm_available  # noqa: E402
-from tests._launch import free_port  # noqa: E402
+from tests._launch import free_port, kill_group, run_child, start_child  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -40,7 +38,7 @@ SETTINGS = [
     "data.synthetic_train_size=64", "data.synthetic_val_size=8",
     # 3 prompts and 3 correction prompts on 2 ranks: uneven shards, and groups whose split leaves one rank with
     # more micro-batches than the other (so the zero-weighted padding micro-batches run).
-    "algorithm.train_batch_size=3", "algorithm.rollouts_per_prompt=4", "algorithm.correction_batch_size=3",
+    "algorithm.train_batch_size=3", "rollout.n=4", "algorithm.correction_batch_size=3",
     "algorithm.correction_rollouts=2", "algorithm.template={max_attempt_tokens: 24}",
     "rollout.max_response_length=12",
     # 384-token micro-batches: each rank runs several, and the two ranks a different number (padding).
@@ -67,9 +65,8 @@ def _env() -> dict[str, str]:
 
 
 def launch(run_dir: Path, world: int, stage: int, *extra: str, engine: str = "hf") -> Path:
-    proc = subprocess.run(_command(run_dir, world, stage, *extra, engine=engine), cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_child(_command(run_dir, world, stage, *extra, engine=engine), timeout=600, env=_env(),
+              what=f"torchrun cipo train ({world} rank(s), ZeRO-{stage}, {engine})")
     return run_dir
 
 
@@ -153,18 +150,22 @@ def test_zero2_and_zero3_agree(runs):
 def test_resume_after_kill_on_two_ranks(runs, tmp_path: Path, stage: int):
     straight = runs(2, stage)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command(killed, 2, stage), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log_path = tmp_path / "killed.log"
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
-    try:
-        while not (latest.exists() and latest.read_text().strip() == "step_000002"):
-            assert proc.poll() is None, "the run ended before its step-2 checkpoint"
-            assert time.monotonic() < deadline, "no step-2 checkpoint within 300 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks, mid-step 3
-        proc.wait()
+
+    def tail() -> str:
+        return log_path.read_text(errors="replace")[-6000:]
+
+    with open(log_path, "wb") as log:
+        proc = start_child(_command(killed, 2, stage), log, env=_env())
+        try:
+            while not (latest.exists() and latest.read_text().strip() == "step_000002"):
+                assert proc.poll() is None, f"the run ended before its step-2 checkpoint:\n{tail()}"
+                assert time.monotonic() < deadline, f"no step-2 checkpoint within 300 s:\n{tail()}"
+                time.sleep(0.05)
+        finally:
+            kill_group(proc)  # torchrun and both ranks, mid-step 3
     assert latest.read_text().strip() in ("step_000002", "step_000003")
     launch(killed, 2, stage, "--resume")
     assert [m["step"] for m in metrics(killed)] == list(range(1, STEPS + 1))
@@ -182,8 +183,7 @@ def test_resume_refuses_another_world_size(runs, tmp_path: Path):
 
     run = tmp_path / "copy"
     shutil.copytree(runs(2, 2), run)
-    proc = subprocess.run(_command(run, 1, 2, "--resume"), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = run_child(_command(run, 1, 2, "--resume"), timeout=600, env=_env(), check=False)
     assert proc.returncode != 0
     assert "written by 2 ranks; resume it on 2 ranks" in proc.stdout + proc.stderr
 
@@ -193,8 +193,7 @@ def _single_process(run_dir: Path, strategy: str) -> Path:
             f"actor.strategy={strategy}"]
     command = [sys.executable, "-m", "cipo.cli", "train", str(TINY), *[a for s in sets for a in ("--set", s)]]
     env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"cipo train failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    run_child(command, timeout=600, env=env, what=f"cipo train (actor.strategy={strategy}, no launcher)")
     return run_dir
 
 
@@ -212,6 +211,6 @@ def test_deepspeed_without_launcher_matches_the_torch_backend(tmp_path: Path):
 
 def test_more_ranks_than_prompt_groups_is_refused(tmp_path: Path):
     command = _command(tmp_path / "run", 2, 2, "--set", "algorithm.train_batch_size=1")
-    proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = run_child(command, timeout=600, env=_env(), check=False)
     assert proc.returncode != 0
     assert "algorithm.train_batch_size=1 is smaller than the 2 data-parallel ranks" in proc.stdout + proc.stderr

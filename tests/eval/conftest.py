@@ -14,7 +14,7 @@ FAST = [
     "warmstart.max_steps=0", "trainer.total_steps=2", "trainer.num_threads=1", "trainer.save_every=1",
     "trainer.keep_checkpoints=3", "trainer.progress=false", "trainer.eval_prompts=0", "rollout.engine=hf",
     "data.synthetic_train_size=64", "data.synthetic_val_size=8",
-    "algorithm.train_batch_size=4", "algorithm.rollouts_per_prompt=4", "algorithm.correction_batch_size=4",
+    "algorithm.train_batch_size=4", "rollout.n=4", "algorithm.correction_batch_size=4",
     "algorithm.correction_rollouts=2", "algorithm.template={max_attempt_tokens: 24}",
     "rollout.max_response_length=12", "actor.micro_batch_tokens=384",
     "model.tiny_overrides={hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 2,"

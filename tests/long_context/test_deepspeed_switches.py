@@ -5,13 +5,12 @@ agree too) — with fewer tokens through the decoder. About 1.5 min on the 2-cor
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests._launch import child_env, free_port
+from tests._launch import child_env, free_port, run_child
 
 pytest.importorskip("deepspeed")
 
@@ -20,7 +19,7 @@ SETTINGS = [
     "warmstart.max_steps=0", "trainer.total_steps=2", "trainer.num_threads=1", "trainer.save_every=0",
     "trainer.progress=false", "trainer.eval_prompts=2", "trainer.save_hf_model=false",
     "data.synthetic_train_size=64", "data.synthetic_val_size=8",
-    "algorithm.train_batch_size=3", "algorithm.rollouts_per_prompt=4", "algorithm.correction_batch_size=3",
+    "algorithm.train_batch_size=3", "rollout.n=4", "algorithm.correction_batch_size=3",
     "algorithm.correction_rollouts=2", "algorithm.template={max_attempt_tokens: 24}",
     "rollout.max_response_length=12", "rollout.engine=hf", "actor.micro_batch_tokens=384", "actor.lr=1e-3",
     "actor.strategy=deepspeed", "deepspeed.zero_stage=3", "actor.loss={entropy_coef: 0.05}",
@@ -33,8 +32,7 @@ def run(run_dir: Path, *extra: str) -> list[dict]:
     sets = [*SETTINGS, f"trainer.run_dir={run_dir}", *extra]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "cipo.cli", "train", str(REPO / "configs" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_child(cmd, timeout=900, env=child_env(), what=f"torchrun cipo train ({' '.join(extra) or 'plain'})")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

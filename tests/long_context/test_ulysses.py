@@ -12,13 +12,12 @@ CPU) and uncompiled (inductor's CPU code for it does not compile), against the s
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests._launch import child_env, free_port
+from tests._launch import child_env, free_port, run_child
 
 pytest.importorskip("deepspeed")
 
@@ -34,8 +33,7 @@ def _launch(tmp_path_factory, attention: str) -> list[dict]:
         env["TORCHDYNAMO_DISABLE"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), str(REPO / "tests" / "long_context" / "ulysses_worker.py"), str(out), attention]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_child(cmd, timeout=600, env=env, what=f"torchrun ulysses_worker.py ({attention})")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

@@ -9,13 +9,12 @@ shared prefix under ZeRO-3; 2 ranks with one sequence per micro-batch. Each rank
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests._launch import REPO, child_env, free_port
+from tests._launch import REPO, child_env, free_port, run_child
 from tests.long_context.test_deepspeed_switches import SETTINGS
 
 pytest.importorskip("deepspeed")
@@ -29,8 +28,7 @@ def run(run_dir: Path, ranks: int, *extra: str, resume: bool = False) -> list[di
                 f"--master_port={free_port()}", "-m", "cipo.cli"] if ranks > 1 else [sys.executable, "-m", "cipo.cli"]
     cmd = [*launcher, "train", str(REPO / "configs" / "tiny.yaml"), *[a for s in sets for a in ("--set", s)],
            *(["--resume"] if resume else [])]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    run_child(cmd, timeout=900, env=child_env(), what=f"cipo train on {ranks} rank(s)")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -18,6 +18,9 @@ import torch
 def main(out_dir: str, attention: str) -> None:
     import deepspeed
 
+    from cipo.trainer.build_locks import prepare_deepspeed
+
+    prepare_deepspeed()  # as the trainer: no shm op to build, no endless wait on a stale build lock
     deepspeed.init_distributed(dist_backend="gloo")
     import torch.distributed as dist
 

@@ -9,7 +9,6 @@ too: on CPU it is ignored and ``sleep``/``wake_up`` are no-ops. ~35 s on 2 busy 
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ pytest.importorskip("vllm")
 
 from cipo.models.tiny import load_tiny  # noqa: E402
 from cipo.rollout import SamplingConfig, VLLMEngine  # noqa: E402
-from tests._launch import free_port  # noqa: E402
+from tests._launch import free_port, run_child  # noqa: E402
 
 from ._helpers import prompts_for  # noqa: E402
 
@@ -75,8 +74,7 @@ def test_two_ranks_match_single_process(tiny_dir, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(tmp_path / "rank.py"), str(tiny_dir), str(tmp_path / "spec.json"),
            str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    run_child(cmd, timeout=300, env=env, cwd=tmp_path, what="torchrun rank.py (2 vLLM engines)")
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["sum"] == 2.0
     dp_ids = [ids for part in res["parts"] for ids in part["token_ids"]]

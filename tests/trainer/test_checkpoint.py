@@ -43,7 +43,7 @@ def test_crash_mid_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypat
 def test_dangling_latest_pointer_is_a_clear_error(tmp_path: Path):
     ckpt.save_checkpoint(tmp_path, 1, {"step": 1})
     (tmp_path / "checkpoints" / "step_000001.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="names step_000001.pt, which is missing"):
+    with pytest.raises(ckpt.CheckpointError, match="names step_000001.pt, which is missing"):
         ckpt.latest_checkpoint(tmp_path)
 
 

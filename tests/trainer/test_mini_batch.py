@@ -118,10 +118,11 @@ def todays_update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: 
             if rows is not None:
                 total += float(loss.detach())
                 part.add_loss_metrics(metrics, weight=float(sub.loss_mask.sum()))
-        grad_norm = self.backend.step()
+        grad_norm, applied = self.backend.step()
         m.merge_loss_parts(self.dist.all_gather_object(part.loss_part()))
         loss_sum, padding = self.dist.all_reduce([total, micro.count(None)])
-        m.set(**{"actor/loss": loss_sum, "actor/grad_norm": grad_norm, "actor/padding_micro_batches": padding})
+        m.set(**{"actor/loss": loss_sum, "actor/grad_norm": grad_norm, "actor/padding_micro_batches": padding,
+                 "actor/skipped_nonfinite": float(not applied)})
 
 
 def count_forwards(shell: CIPOTrainer) -> list[str]:
@@ -194,9 +195,9 @@ def spy(shell: CIPOTrainer) -> Seen:
                 seen.normalizers.append((kwargs["base_normalizer"], kwargs["corr_normalizer"]))
         return forward(batch, loss_cfg, **kwargs)
 
-    def watched_step():
+    def watched_step(**kwargs):
         seen.ratios.append([])
-        return step_fn()
+        return step_fn(**kwargs)
 
     shell.backend.forward, shell.backend.step = watched_forward, watched_step
     return seen
@@ -272,6 +273,7 @@ def test_a_step_the_size_does_not_divide_is_refused(step):
 
 def test_fewer_prompts_per_mini_batch_than_ranks_is_refused(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(trainer_module, "init_distributed", lambda *a, **k: DistContext(rank=0, world_size=2))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what the launcher sets: the config is resolved against it
     with pytest.raises(ConfigError,
                        match="actor.ppo_mini_batch_size=1 is smaller than the 2 data-parallel ranks.*set it to >= 2"):
         CIPOTrainer(fast_config(tmp_path / "run", "actor.ppo_mini_batch_size=1"))
@@ -348,12 +350,12 @@ class ThreadDist(DistContext):
 class SummingBackend(TorchBackend):
     """Data parallelism by hand: the ranks' gradients are summed before each optimizer step."""
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> tuple[float, bool]:
         params = list(self.model.parameters())
         mine = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
         for p, *grads in zip(params, *self.dist.hub.gather(self.dist.rank, mine)):
             p.grad = torch.stack(grads).sum(0)
-        return super().step()
+        return super().step(skip=skip)
 
 
 def test_two_thread_ranks_equal_one_process(trainer, step):
