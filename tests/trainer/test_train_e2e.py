@@ -20,6 +20,8 @@ from cipo.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from cipo.trainer.config import load_config
 from cipo.trainer.trainer import CIPOTrainer
 
+from .._launch import run_child
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
@@ -139,8 +141,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path):
     cmd = [sys.executable, "-m", "cipo.cli", "train", str(TINY), *args]
 
     straight = tmp_path / "straight"
-    subprocess.run([*cmd, f"--set=trainer.run_dir={straight}"], check=True, env=env, capture_output=True,
-                   timeout=600)
+    run_child([*cmd, f"--set=trainer.run_dir={straight}"], timeout=600, env=env, what="the uninterrupted run")
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, f"--set=trainer.run_dir={killed}"], env=env, stdout=subprocess.DEVNULL,
@@ -149,7 +150,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path):
         deadline = time.time() + 600
         while not (killed / "checkpoints" / "step_000002.pt").exists():
             assert proc.poll() is None, "the run ended before its step-2 checkpoint"
-            assert time.time() < deadline
+            assert time.time() < deadline, "no step-2 checkpoint within 600 s"
             time.sleep(0.2)
         while len((killed / "metrics.jsonl").read_text().splitlines()) < 3 and proc.poll() is None:
             time.sleep(0.05)  # kill during step 4 when we can, after step 3's metrics line
@@ -157,8 +158,7 @@ def test_resume_after_kill_continues_exactly(tmp_path: Path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert load_checkpoint(latest_checkpoint(killed))["step"] in (2, 3, 4)
-    subprocess.run([*cmd, f"--set=trainer.run_dir={killed}", "--resume"], check=True, env=env,
-                   capture_output=True, timeout=600)
+    run_child([*cmd, f"--set=trainer.run_dir={killed}", "--resume"], timeout=600, env=env, what="the resumed run")
 
     assert metric_lines(killed) == metric_lines(straight)
     final_straight = load_checkpoint(straight / "checkpoints" / "step_000004.pt")["model"]
