@@ -247,6 +247,9 @@ class TrainConfig:
             (not self.actor.checkpoint_offload or self.model.gradient_checkpointing,
              "actor.checkpoint_offload needs model.gradient_checkpointing: true (it offloads the checkpointed "
              "layer inputs)"),
+            (self.actor.max_consecutive_nonfinite >= 1,
+             f"actor.max_consecutive_nonfinite must be >= 1 (updates in a row with a non-finite loss or gradient "
+             f"before training stops); got {self.actor.max_consecutive_nonfinite}"),
             (self.actor.lora.rank >= 0, "actor.lora.rank must be >= 0 (0: no LoRA, train every weight)"),
             (self.actor.lora.alpha > 0, "actor.lora.alpha must be > 0"),
             (0 <= self.actor.lora.dropout < 1, "actor.lora.dropout must be in [0, 1)"),

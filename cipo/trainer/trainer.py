@@ -65,7 +65,6 @@ from .checkpoint import (
     recovery_hint,
 )
 from .config import TrainConfig, check_model_positions, config_to_dict
-from .config_io import ConfigError
 from .distributed import init_distributed, launched_world_size
 from .mini_batch import MiniBatch, mini_batch_rows, partition_rows, stream_normalizers
 from .prompt_stream import PromptStream
@@ -168,9 +167,6 @@ class CIPOTrainer:
             # The loss's own default (the longest sequence it sees) would differ between micro-batches and ranks.
             self.loss_cfg = dataclasses.replace(self.loss_cfg,
                                                 loss_scale_factor=float(config.rollout.max_response_length))
-        if config.actor.max_consecutive_nonfinite < 1:
-            raise ConfigError(f"actor.max_consecutive_nonfinite must be >= 1 (updates in a row with a non-finite "
-                              f"loss or gradient before training stops); got {config.actor.max_consecutive_nonfinite}")
         self.run_dir = Path(config.trainer.run_dir)
         # read-only checks, before anything is loaded or written (every rank sees the same directory)
         check_run_dir(self.run_dir, resume=resume, overwrite=overwrite)
