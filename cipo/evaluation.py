@@ -227,13 +227,14 @@ def load_run_config(run_dir: Union[str, Path]):
 
 def initial_model_dir(run_dir: Path, config) -> Path:
     """The HF directory the run started from: ``init_model/`` (the built tiny model) or ``model.path``."""
+    from .models.gguf_source import ModelSourceError
     from .trainer.setup import model_directory
 
     if (run_dir / "init_model" / "config.json").is_file():
         return run_dir / "init_model"
     try:
         return model_directory(config.model.path)
-    except FileNotFoundError as exc:
+    except ModelSourceError as exc:
         raise FileNotFoundError(f"{run_dir}: the initial model is missing (no init_model/config.json): {exc}"
                                 ) from None
 

@@ -139,17 +139,12 @@ def load_policy(config: TrainConfig, alg: CIPOConfig, run_dir: Path, device: tor
 
 
 def model_directory(path: str) -> Path:
-    """The local HF directory ``model.path`` names: the directory itself, or for ``"smollm2"`` and ``*.gguf`` files
-    the HF directory converted from the GGUF once and cached (:mod:`cipo.models.gguf_source`)."""
-    if path == "smollm2" or path.lower().endswith(".gguf"):
-        from ..models.gguf_source import resolve_model_source
+    """The local HF directory ``model.path`` names (not ``"tiny"``): the directory itself, or for ``"smollm2"`` and
+    ``*.gguf`` files the HF directory converted from the GGUF once and cached (:mod:`cipo.models.gguf_source`, whose
+    ``ModelSourceError`` — a ConfigError — names what is wrong)."""
+    from ..models.gguf_source import resolve_model_source
 
-        return resolve_model_source(path)
-    source = Path(path)
-    if not (source / "config.json").exists():
-        raise FileNotFoundError(f"model.path={path!r} is not a local HF model directory (no config.json), a .gguf "
-                                "file or 'smollm2'; cipo loads models from disk only")
-    return source
+    return resolve_model_source(path)
 
 
 def build_tiny(config: TrainConfig, alg: CIPOConfig, init_dir: Path, train_rows: list[dict], device: torch.device,
