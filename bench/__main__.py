@@ -34,7 +34,7 @@ SECTIONS: dict[str, list[tuple[str, str, list[str], float]]] = {
     "cpu": [("loss", "bench.loss_suite", ["--part", "targets"], 0.66),
             ("trainer", "bench.trainer_suite", [], 0.24),
             ("verifiers", "bench.verifier_suite", [], 0.10)],
-    # GPU: issue 3's shapes first, then the tiling study, the trainer, and the sweep with whatever time is left.
+    # GPU: the target shapes first, then the tiling study, the trainer, and the sweep with whatever time is left.
     "gpu": [("loss", "bench.loss_suite", ["--part", "targets"], 0.40),
             ("loss_tiling", "bench.loss_suite", ["--part", "tiling"], 0.22),
             ("trainer", "bench.trainer_suite", [], 0.19),

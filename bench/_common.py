@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from cipo.profiling import cpu_peak_alloc_bytes
+from bench.profiling import cpu_peak_alloc_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -22,8 +22,8 @@
 # shorter re-check; CIPO_BENCH_COMMIT records the commit when the checkout's .git is not the source's.
 # GPU_SUITE_TEST_ON_CPU=1 runs the same stages on a machine without a GPU (the plan shrunk onto the CPU) to test
 # this script; its numbers mean nothing.
-# Targets (issue 3; reported, not asserted): fused fwd+bwd ≤ 1.15× the bare matmul fwd+bwd of the same run; extra
-# memory beyond the gradients ≤ 1.5 GiB; logp error vs float64 no worse than torch's bf16 path.
+# Targets (docs/BENCHMARKS.md; reported, not asserted): fused fwd+bwd ≤ 1.15× the bare matmul fwd+bwd of the same
+# run; extra memory beyond the gradients ≤ 1.5 GiB; logp error vs float64 no worse than torch's bf16 path.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu}
@@ -126,7 +126,7 @@ else
     echo "gpu_suite: no time left for the timing suite"
 fi
 
-# --- long contexts (issue 15) ------------------------------------------------------------------------------------
+# --- long contexts (docs/LONG_CONTEXT.md §5) -----------------------------------------------------------------------
 # PREPARED, NOT YET RUN ON A GPU. The largest correction context that trains for a Qwen3-4B-shaped model (bf16,
 # random weights, weights + gradients, no optimizer state) under memory caps of 24, 48 and 80 GiB
 # (torch.cuda.set_per_process_memory_fraction), for each switch on and off: baseline (fused loss, plain packing),
@@ -137,8 +137,8 @@ fi
 # short budget, run the stage alone instead:
 #     python -m bench.long_context --suite gpu --budget-s 280 --out $OUT --configs all,checkpointing,shared_prefix
 # Output: $OUT/long_context_gpu.{json,md}; the memory model's predictions for the same caps are in the same files,
-# so measured and predicted sit side by side. Goal (issue 15): >= 128k tokens per micro-batch at 80 GiB, >= 32k at
-# 24 GiB.
+# so measured and predicted sit side by side. Goal (docs/LONG_CONTEXT.md §5): >= 128k tokens per micro-batch at
+# 80 GiB, >= 32k at 24 GiB.
 LC_S=${GPU_SUITE_LONG_CONTEXT_S:-0}
 lc_rc=skipped
 if (( LC_S > 60 )); then

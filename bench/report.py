@@ -9,10 +9,10 @@ from typing import Any, Optional
 GiB = 2**30
 MiB = 2**20
 
-CPU_TARGET_TIME = 1.1  # fused time ≤ 1.1 × naive (issue 8, T=8192 H=256 V=32000 fp32)
+CPU_TARGET_TIME = 1.1  # fused time ≤ 1.1 × naive (CPU target shape T=8192 H=256 V=32000 fp32; docs/BENCHMARKS.md)
 CPU_TARGET_MEMORY = 0.25  # fused peak extra memory ≤ 25 % of naive's
-GPU_TARGET_TIME = 1.15  # fused fwd+bwd ≤ 1.15 × the bare LM-head matmul fwd+bwd (issue 3)
-GPU_TARGET_MEMORY = 1.5 * GiB  # extra memory beyond the gradients (issue 3)
+GPU_TARGET_TIME = 1.15  # fused fwd+bwd ≤ 1.15 × the bare LM-head matmul fwd+bwd (docs/BENCHMARKS.md)
+GPU_TARGET_MEMORY = 1.5 * GiB  # extra memory beyond the gradients (docs/BENCHMARKS.md)
 
 
 def _fmt_time(seconds: Optional[float], gpu: bool) -> str:

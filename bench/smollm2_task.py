@@ -38,6 +38,8 @@ DIFFICULTIES = {
     "expr d1 +": {"kinds": ["expr"], "digits": 1, "ops": "+"},
     "compare d2": {"kinds": ["compare"], "digits": 2},
     "mix d1 +-": {"kinds": ["expr", "word", "compare"], "digits": 1, "ops": "+-"},
+    "expr d1 +-": {"kinds": ["expr"], "digits": 1, "ops": "+-"},
+    "mix d1 +": {"kinds": ["expr", "word", "compare"], "digits": 1, "ops": "+"},
 }
 TARGET = 0.375
 
@@ -89,9 +91,16 @@ def run_settings(engine, tokenizer, settings: list[list[dict]], samples: int, sa
     return out
 
 
+def correction_prompt(row: dict[str, Any], attempt: str) -> list[dict[str, str]]:
+    """Chat messages asking for a second try: the problem of a chat-arith ``row``, the previous (failed)
+    ``attempt``, "Solve the problem again." (the correction arm of :func:`correction_vs_resample`)."""
+    return [*row["prompt"], {"role": "assistant", "content": attempt.strip()},
+            {"role": "user", "content": "Solve the problem again."}]
+
+
 def correction_vs_resample(engine, tokenizer, items: list[dict], limit: int, sampling) -> dict[str, Any]:
     """Success of one correction sample vs one fresh sample on the same failed (row, attempt) pairs."""
-    from cipo.data.chat_arith import correction_prompt, score
+    from cipo.data.chat_arith import score
     from cipo.data.dataset import chat_prompt_ids
 
     failed = [i for i in items if i["score"] < 1.0][:limit]

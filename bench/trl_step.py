@@ -14,7 +14,7 @@ on a fresh trainer and model built from the same checkpoint, in one process:
 * ``cipo head`` — ``CipoGRPOTrainer``: cipo's ``linear_logprob`` as the fused head, TRL's loss;
 * ``cipo head + loss`` — ``CipoGRPOTrainer(cipo_loss=True)``: cipo's head and cipo's ``policy_loss``.
 
-Peak extra memory: PyTorch CPU allocator events during one step (``cipo.profiling.cpu_peak_alloc_bytes``; the
+Peak extra memory: PyTorch CPU allocator events during one step (``bench.profiling.cpu_peak_alloc_bytes``; the
 parameter gradients the step creates count). Times: median of ``--repeats`` steps after that profiled first one.
 Results: ``bench/results/trl_cpu.json`` and ``.md``.
 """

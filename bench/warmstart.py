@@ -6,7 +6,7 @@ errors left, and one correction pass on the model's own attempts.
 
 Each seed builds a tiny model and tokenizer in a temporary directory, warm-starts it with
 :func:`cipo.warmstart.warm_start` until :class:`cipo.warmstart.AccuracyStopper` sees the target, then samples 4
-answers per held-out prompt at T = 1 (classified by :func:`cipo.warmstart.classify_error`) and greedily. Results
+answers per held-out prompt at T = 1 (classified by :func:`classify_error`) and greedily. Results
 are printed; the figures of record are in docs/TRAINER.md.
 """
 
@@ -15,7 +15,32 @@ from __future__ import annotations
 import time
 
 from cipo.data.dataset import chat_prompt_ids
-from cipo.warmstart import AccuracyStopper, classify_error, sampled_accuracy, warm_start
+from cipo.warmstart import AccuracyStopper, sampled_accuracy, warm_start
+
+
+def classify_error(response: str, row: dict) -> str:
+    """Rough error class of a wrong synthetic-task response, for reports:
+    ``"format"`` (no boxed integer), ``"dropped_carry"`` (columns match a forgotten carry), ``"column"`` (a written
+    column is miscomputed or misread), ``"inconsistent"`` (columns right, boxed answer not), ``"correct"``."""
+    import re
+
+    from cipo.data.synthetic import dropped_carry_solutions, last_boxed, score, solution_for
+
+    gt = row["reward_model"]["ground_truth"]
+    if score(response, gt) == 1.0:
+        return "correct"
+    boxed = last_boxed(response)
+    if boxed is None or not re.fullmatch(r"\s*[+-]?\d+\s*", boxed):
+        return "format"
+
+    def work(text: str) -> str:
+        return text.rsplit("\\boxed{", 1)[0].strip()
+
+    if any(work(s) == work(response) for s in dropped_carry_solutions(row)):
+        return "dropped_carry"
+    if work(response) == work(solution_for(row)):
+        return "inconsistent"
+    return "column"
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .kernels._dispatch import use_triton
-from .kernels.group_advantage_ref import ESTIMATORS, group_advantages_reference
+from .kernels.group_advantage_torch import ESTIMATORS, group_advantages_torch
 
 
 def dense_group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -24,7 +24,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, estimator: 
         rewards: ``[S]`` sequence rewards (any real dtype; integers and bools are taken as floats).
         group_ids: ``[S]`` integer group id of each sequence (any values; need not be contiguous).
         estimator: ``"grpo"`` ``(r − mean) / (std + eps)``, ``"drgrpo"`` ``r − mean`` or ``"rloo"``
-            ``G/(G−1) · (r − mean)``; see DESIGN §4 for groups of one and groups of equal rewards.
+            ``G/(G−1) · (r − mean)``; see docs/DESIGN.md §4 for groups of one and groups of equal rewards.
         eps: added to the group's unbiased std (``grpo``). ≥ 0.
 
     Returns:
@@ -53,7 +53,7 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, estimator: 
         from .kernels.group_advantage import group_advantages_triton
 
         return group_advantages_triton(rewards, group_index, num_groups, estimator, eps)
-    return group_advantages_reference(rewards, group_index, num_groups, estimator, eps)
+    return group_advantages_torch(rewards, group_index, num_groups, estimator, eps)
 
 
 def _describe(value: object) -> str:

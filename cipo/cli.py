@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 def _train(args: argparse.Namespace) -> int:
     from .trainer.config import load_config
-    from .trainer.trainer import CIPOTrainer
+    from .trainer.trainer import CIPOTrainer, NonFiniteError
 
     config = load_config(args.config, args.set)
     trainer = CIPOTrainer(config, resume=args.resume, overwrite=args.overwrite)
@@ -20,9 +20,13 @@ def _train(args: argparse.Namespace) -> int:
         print(f"cipo: --overwrite: the previous run in {config.trainer.run_dir} was moved to {trainer.moved_aside}",
               file=sys.stderr)
     try:
-        summary = trainer.train()
-    finally:
-        trainer.close()
+        try:
+            summary = trainer.train()
+        finally:
+            trainer.close()
+    except NonFiniteError as exc:  # here, not in main: the other commands never import the trainer
+        print(f"cipo: error: {exc}", file=sys.stderr)
+        return 1
     if trainer.dist.is_main:
         print(json.dumps(summary, indent=2, sort_keys=True))
         print(f"run directory: {Path(config.trainer.run_dir).resolve()}")
@@ -32,10 +36,10 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
+    from .data.dataset import chat_prompt_ids
     from .rollout import SamplingConfig, make_engine
     from .trainer.checkpoint import latest_checkpoint
     from .trainer.export import checkpoint_weights
-    from .warmstart import chat_prompt_ids
 
     run_dir = Path(args.run_dir)
     model_dir = run_dir / "init_model" if (run_dir / "init_model").exists() else run_dir
@@ -143,7 +147,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .trainer.checkpoint import CheckpointError
     from .trainer.config_io import ConfigError
     from .trainer.run_dir import RunDirError
-    from .trainer.trainer import NonFiniteError
 
     args = build_parser().parse_args(argv)
     try:
@@ -152,9 +155,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             StaleBuildLockError) as exc:
         print(f"cipo: error: {exc}", file=sys.stderr)
         return 2
-    except NonFiniteError as exc:
-        print(f"cipo: error: {exc}", file=sys.stderr)
-        return 1
     except OSError as exc:
         # read-only or full disk, permissions: one line (torch chains its own error to the OSError)
         print(f"cipo: error: {describe_os_error(exc, args.command)}", file=sys.stderr)

@@ -13,7 +13,7 @@ LOSS_AGG_MODES = (
     "seq-mean-token-mean",
     "seq-mean-token-sum-norm",
 )
-"""Aggregation modes, DESIGN §4 (verl's ``agg_loss``)."""
+"""Aggregation modes, docs/DESIGN.md §4 (verl's ``agg_loss``)."""
 
 KL_TYPES = {
     "k1": "k1",

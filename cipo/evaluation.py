@@ -4,7 +4,7 @@
 policy — the final ``hf_model/``, a checkpoint, or step 0 (the policy RL started from) — and, on a held-out set:
 
 1. samples ``n`` responses per prompt at the run's rollout temperature and verifies them (the run's reward
-   routing, :class:`cipo.trainer.scoring.RewardScorer`): ``accuracy`` is the share of verified samples, and
+   routing, :class:`cipo.rewards.router.RewardScorer`): ``accuracy`` is the share of verified samples, and
    ``pass@k`` the unbiased estimator ``1 − C(n−c, k) / C(n, k)`` averaged over prompts (``c`` verified of ``n``);
 2. takes the first ``attempts_per_prompt`` samples of every prompt as attempts (the samples are i.i.d., so these
    are a random subset), builds the run's correction prompt ``template(x, attempt)`` around each — the prompt the
@@ -12,8 +12,9 @@ policy — the final ``hf_model/``, a checkpoint, or step 0 (the policy RL start
    ``correction_success`` is, over failed attempts, the mean share of refinements that verify; ``regression_rate``
    is, over correct attempts, the mean share of refinements that fail.
 
-The correction prompts are built by :func:`cipo.algorithm.correction_prompt_ids`, which the trainer's own in-training
-evaluation (``CIPOTrainer.evaluate``) uses too, so both measure correction on the same kind of prompt.
+Both passes go through :class:`cipo.rollout.session.RolloutSession` (``sample_rows``, ``sample_corrections``), the
+path the trainer's own in-training evaluation (``CIPOTrainer.evaluate``) takes too: the same prompt codec (chat
+template, ``data.truncation``), the same correction prompts, the same reward routing.
 
 The held-out set is the run's synthetic test split (disjoint from its training prompts; its first
 ``trainer.eval_prompts`` rows are the ones the trainer evaluated on) or any JSONL/parquet file in verl's columns.
@@ -21,6 +22,7 @@ The held-out set is the run's synthetic test split (disjoint from its training p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,8 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
-
-from .algorithm.template import correction_prompt_ids
 
 DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8, 16)
 DEFAULT_N = 16
@@ -155,43 +155,6 @@ def resampling_baselines(correct_counts: Sequence[int], n: int) -> dict[str, flo
             "resample_regression": both / correct if correct else math.nan}
 
 
-# ------------------------------------------------------------------------------------------------- shared pieces
-
-
-def truncated_prompt_ids(tokenizer, messages, max_prompt_length: int, truncation: str = "left") -> list[int]:
-    """A chat prompt's ids cut to ``max_prompt_length`` on the side ``truncation`` names (``data.truncation``) —
-    the trainer's rule for over-long prompts (:class:`cipo.trainer.setup.PromptTruncator`)."""
-    from .data.dataset import chat_prompt_ids
-    from .trainer.setup import PromptTruncator
-
-    return PromptTruncator(tokenizer, max_prompt_length, truncation)(chat_prompt_ids(tokenizer, messages))
-
-
-def sample_and_score(engine, scorer, prompts: list[list[int]], rows: Sequence[dict], n: int, sampling,
-                     desc: Optional[str] = None, progress: bool = True) -> tuple[list[str], list[float]]:
-    """``n`` responses per prompt (prompt-major) and their rewards, generated in chunks of prompts.
-
-    Both engines seed prompt ``i`` of a call with ``sampling.seed + i``; each chunk is called with its start added,
-    so the samples do not depend on the chunking."""
-    import dataclasses
-
-    from tqdm.auto import tqdm
-
-    texts: list[str] = []
-    scores: list[float] = []
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress or desc is None, leave=False, unit="prompt")
-    for start in range(0, len(prompts), CHUNK_PROMPTS):
-        chunk = prompts[start:start + CHUNK_PROMPTS]
-        seed = None if sampling.seed is None else sampling.seed + start
-        out = engine.generate(chunk, n=n, sampling=dataclasses.replace(sampling, seed=seed))
-        chunk_rows = [rows[start + k // n] for k in range(len(out))]
-        texts += out.texts
-        scores += scorer.score(chunk_rows, out.texts)
-        bar.update(len(chunk))
-    bar.close()
-    return texts, scores
-
-
 # ------------------------------------------------------------------------------------------------- the run
 
 
@@ -225,31 +188,17 @@ def load_run_config(run_dir: Union[str, Path]):
     return load_recorded_config(config_file)  # runs recorded before rollout.n was the group size included
 
 
-def initial_model_dir(run_dir: Path, config) -> Path:
-    """The HF directory the run started from: ``init_model/`` (the built tiny model) or ``model.path``."""
-    from .models.gguf_source import ModelSourceError
-    from .trainer.setup import model_directory
-
-    if (run_dir / "init_model" / "config.json").is_file():
-        return run_dir / "init_model"
-    try:
-        return model_directory(config.model.path)
-    except ModelSourceError as exc:
-        raise FileNotFoundError(f"{run_dir}: the initial model is missing (no init_model/config.json): {exc}"
-                                ) from None
-
-
 def resolve_policy(run_dir: Union[str, Path], step: Optional[int], config) -> RunPolicy:
     """The policy to evaluate: step None → ``hf_model/`` (else the latest checkpoint); 0 → the initial model;
     N → the checkpoint of step N."""
     from .trainer.checkpoint import latest_checkpoint
-    from .trainer.export import checkpoint_weights, find_checkpoint
+    from .trainer.export import checkpoint_weights, find_checkpoint, initial_model_dir
 
     run_dir = Path(run_dir)
     if step is not None and (not isinstance(step, int) or step < 0):
         raise EvalError(f"--step {step!r}: expected an int >= 0 (0 = the initial policy)")
     if step == 0:
-        return RunPolicy(initial_model_dir(run_dir, config), None, "step 0 (initial policy)", 0)
+        return RunPolicy(initial_model_dir(run_dir, config.model.path), None, "step 0 (initial policy)", 0)
     if step is None:
         if (run_dir / "hf_model" / "config.json").is_file():
             return RunPolicy(run_dir / "hf_model", None, "hf_model (final policy)", None)
@@ -266,8 +215,8 @@ def resolve_policy(run_dir: Union[str, Path], step: Optional[int], config) -> Ru
             raise FileNotFoundError(f"{run_dir} has no checkpoint of step {step}; available: "
                                     f"{have or 'none'} (and --step 0, the initial policy)") from None
     label_step = int(path.name.removeprefix("step_").removesuffix(".pt"))
-    return RunPolicy(initial_model_dir(run_dir, config), checkpoint_weights(path), f"checkpoint step {label_step}",
-                     label_step)
+    return RunPolicy(initial_model_dir(run_dir, config.model.path), checkpoint_weights(path),
+                     f"checkpoint step {label_step}", label_step)
 
 
 def held_out_rows(config, data: Optional[Union[str, Path]], prompts: Optional[int]) -> tuple[list[dict], str]:
@@ -321,8 +270,10 @@ def evaluate_run(run_dir: Union[str, Path], step: Optional[int] = None, data: Op
         refinements: responses sampled per correction prompt.
         temperature: sampling temperature (default: the run's ``rollout.temperature``).
     """
-    from .rollout import SamplingConfig, make_engine, vllm_available
-    from .trainer.scoring import SYNTHETIC_SOURCES, RewardScorer
+    import torch
+
+    from .rewards.router import SYNTHETIC_SOURCES, RewardScorer
+    from .rollout.session import PromptCodec, RolloutSession, engine_from_config, sampling_from_config, screen_prompts
 
     ks = parse_ks(ks, n)
     if attempts_per_prompt is None:
@@ -342,37 +293,22 @@ def evaluate_run(run_dir: Union[str, Path], step: Optional[int] = None, data: Op
     temp = rollout.temperature if temperature is None else float(temperature)
     if not temp > 0:
         raise EvalError(f"temperature={temp}: pass@k needs sampling, temperature > 0")
-    sampling = SamplingConfig(temperature=temp, top_p=rollout.top_p, top_k=rollout.top_k,
-                              max_tokens=rollout.max_response_length, seed=seed, return_logprobs=False)
-    kind = ("vllm" if vllm_available() else "hf") if engine == "auto" else engine
+    sampling = sampling_from_config(config, seed, temperature=temp, return_logprobs=False)
     started = time.perf_counter()
-    if kind == "vllm":
-        kwargs: dict[str, Any] = {"seed": seed, "dtype": config.model.dtype}
-    else:
-        import torch
-
-        kwargs = {"dtype": getattr(torch, config.model.dtype),
-                  "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    rollout_engine = make_engine(kind, policy.model_dir, **kwargs)
+    # the engine alone on the device (not sized or shared as during training); vLLM seeded with the eval seed
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rollout_engine = engine_from_config(config, policy.model_dir, device, kind=engine, seed=seed, colocated=False)
     synthetic_only = all(row.get("data_source") in SYNTHETIC_SOURCES for row in rows)
     scorer = RewardScorer(workers=0 if synthetic_only else 2)
     try:
         if policy.weights is not None:
             rollout_engine.update_weights(policy.weights.items())
-        tokenizer = rollout_engine.tokenizer
-        from .data.dataset import chat_prompt_ids
-        from .trainer.setup import PromptTruncator, screen_prompts
-
+        codec = PromptCodec.from_config(rollout_engine.tokenizer, config)
         # the trainer's rule: refused above data.max_truncated_fraction, dropped or cut as data.truncation says
-        rows, screen = screen_prompts(rows, lambda prompt: chat_prompt_ids(tokenizer, prompt), config, "held-out")
-        truncate = PromptTruncator(tokenizer, config.data.max_prompt_length, config.data.truncation)
-
-        def prompt_ids(messages) -> list[int]:
-            return truncate(chat_prompt_ids(tokenizer, messages))
-
-        ids = [prompt_ids(row["prompt"]) for row in rows]
-        texts, scores = sample_and_score(rollout_engine, scorer, ids, rows, n, sampling, desc="eval: attempts",
-                                         progress=progress)
+        rows, screen = screen_prompts(rows, codec.full_ids, config, "held-out")
+        session = RolloutSession(rollout_engine, scorer, codec, chunk_prompts=CHUNK_PROMPTS)
+        attempt_batch, scores = session.sample_rows(rows, n, sampling, desc="eval: attempts" if progress else None)
+        texts = attempt_batch.texts
         counts = [sum(s >= 1.0 for s in scores[i * n:(i + 1) * n]) for i in range(len(rows))]
         result: dict[str, Any] = {
             "accuracy": sum(counts) / (len(rows) * n),
@@ -380,16 +316,12 @@ def evaluate_run(run_dir: Union[str, Path], step: Optional[int] = None, data: Op
         }
         if attempts_per_prompt > 0:
             attempts = [(i, i * n + j) for i in range(len(rows)) for j in range(attempts_per_prompt)]
-            corr_ids = correction_prompt_ids(
-                template, rows, [(i, texts[k]) for i, k in attempts], prompt_ids,
-                encode=lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"]),
-                decode=lambda token_ids: tokenizer.decode(token_ids, skip_special_tokens=True))
-            corr_rows = [rows[i] for i, _ in attempts]
-            _, corr_scores = sample_and_score(
-                rollout_engine, scorer, corr_ids, corr_rows, refinements,
-                SamplingConfig(**{**sampling.to_dict(), "seed": seed + CORRECTION_SEED_OFFSET}),
-                desc="eval: refinements", progress=progress)
-            result.update(correction_metrics([scores[k] >= 1.0 for _, k in attempts],
+            attempt_correct = [scores[k] >= 1.0 for _, k in attempts]
+            _, corr_scores = session.sample_corrections(
+                template, rows, [(i, texts[k]) for i, k in attempts], refinements,
+                dataclasses.replace(sampling, seed=seed + CORRECTION_SEED_OFFSET),
+                desc="eval: refinements" if progress else None, correct=attempt_correct)
+            result.update(correction_metrics(attempt_correct,
                                              [s >= 1.0 for s in corr_scores], refinements))
             result.update(resampling_baselines(counts, n))
         result.update({
@@ -398,7 +330,7 @@ def evaluate_run(run_dir: Union[str, Path], step: Optional[int] = None, data: Op
             "seed": seed, "temperature": temp, "max_tokens": rollout.max_response_length,
             "attempts_per_prompt": attempts_per_prompt, "refinements": refinements,
             "correct_counts": counts, "seconds": time.perf_counter() - started,
-            "prompts_over_limit": screen["over_limit"], "prompts_cut": truncate.count,
+            "prompts_over_limit": screen["over_limit"], "prompts_cut": codec.cut_count,
         })
     finally:
         rollout_engine.close()

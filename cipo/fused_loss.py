@@ -19,7 +19,7 @@ from .kernels.fused_linear_policy_loss import fused_linear_policy_loss_flat
 from .loss import StreamPart, check_finite_tensors, loss_plan
 from .packing import BASE_STREAM, CORRECTION_STREAM, IGNORE_INDEX, PackedBatch
 
-__all__ = ["fused_linear_policy_loss"]
+__all__ = ["fused_linear_policy_loss", "fused_loss_inputs"]
 
 
 def fused_linear_policy_loss(
@@ -93,8 +93,8 @@ def fused_linear_policy_loss(
     if config.tis_mode is not None and batch.rollout_logp is None:
         raise ValueError(f"config.tis_mode={config.tis_mode!r} needs rollout_logp (the rollout engine's "
                          "log-probs)")
-    inputs = _flat_inputs(batch, config, lambda_corr, advantages, estimator, base_normalizer, corr_normalizer,
-                          accum_dtype(hidden.dtype), hidden.device)
+    inputs = fused_loss_inputs(batch, config, lambda_corr, advantages, estimator, base_normalizer, corr_normalizer,
+                               accum_dtype(hidden.dtype), hidden.device)
     if check_finite:
         check_finite_tensors("fused_linear_policy_loss", {
             "hidden": hidden, "weight": weight, "advantages": inputs["advantages"], "old_logp": inputs["old_logp"],
@@ -107,11 +107,15 @@ def fused_linear_policy_loss(
     return loss, inputs["plan"].metrics(sums, {"tokens/base": part_masks[0].sum(), "tokens/corr": part_masks[1].sum()})
 
 
-def _flat_inputs(batch: PackedBatch, config: PolicyLossConfig, lambda_corr: float, advantages: Optional[torch.Tensor],
-                 estimator: str, base_normalizer: Optional[float], corr_normalizer: Optional[float],
-                 dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+def fused_loss_inputs(batch: PackedBatch, config: PolicyLossConfig, lambda_corr: float,
+                      advantages: Optional[torch.Tensor], estimator: str, base_normalizer: Optional[float],
+                      corr_normalizer: Optional[float], dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     """The keyword arguments of ``fused_linear_policy_loss_flat`` for ``batch`` (all rows, compute ``dtype``):
-    token tensors ``[T]`` zeroed outside the loss, per-token advantages, the two stream parts and the plan."""
+    token tensors ``[T]`` zeroed outside the loss, per-token advantages, the two stream parts and the plan.
+
+    What :func:`fused_linear_policy_loss` hands the kernel (the batch is not validated here: that is the entry's
+    job); public so that a test can build the kernel's rows (``token_rows(**inputs, dtype=...)``) exactly as the
+    entry does."""
     n = batch.num_tokens
     num_seqs = batch.num_seqs
     mask = batch.loss_mask.to(device).bool()

@@ -3,8 +3,8 @@
 
 Both accept the padded layout (``[B, L]`` tensors) or the packed one (``[N]`` tensors + ``cu_seqlens``),
 reduce it to flat token tensors, and run either the Triton kernel (CUDA tensors, or ``CIPO_FORCE_TRITON=1``)
-or the torch reference. Tensors and a config in; a loss tensor and a dict of floats out — no trainer objects,
-so verl, TRL or OpenRLHF can call them as they are.
+or the torch path (:func:`loss_torch`: CPU tensors and float64). Tensors and a config in; a loss tensor and a
+dict of floats out — no trainer objects, so verl, TRL or OpenRLHF can call them as they are.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .advantages import group_advantages
 from .config import PolicyLossConfig
 from .kernels._dispatch import use_triton
 from .kernels._loss_plan import LossPlan, metrics_to_floats
-from .kernels.policy_loss_ref import aggregate, masked_mean, token_terms
+from .kernels.policy_loss_torch import aggregate, masked_mean, token_terms
 from .packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch
 
 
@@ -56,7 +56,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
                 cu_seqlens: Optional[torch.Tensor] = None, loss_normalizer: Optional[float] = None,
                 is_weights: Optional[torch.Tensor] = None, check_finite: bool = False
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clipped policy loss with clip-higher, dual-clip, truncated IS, KL and entropy (DESIGN §4).
+    """PPO-clipped policy loss with clip-higher, dual-clip, truncated IS, KL and entropy (docs/DESIGN.md §4).
 
     Layouts:
         padded — ``logp, old_logp, mask [, ref_logp, rollout_logp, entropy, is_weights]``: ``[B, L]``;
@@ -206,13 +206,14 @@ def _loss_from_flat(flat: FlatInputs, config: PolicyLossConfig, parts: list[Stre
                                         rollout_logp=flat.rollout_logp, entropy=flat.entropy,
                                         is_weights=flat.is_weights)
         return loss, plan.metrics(sums)
-    return loss_reference(flat, config, parts, scale)
+    return loss_torch(flat, config, parts, scale)
 
 
-def loss_reference(flat: FlatInputs, config: PolicyLossConfig, parts: list[StreamPart], scale: float
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The torch path of :func:`_loss_from_flat` (the reference the kernel is tested against; the CPU path):
-    per-token terms of :func:`~cipo.kernels.policy_loss_ref.token_terms`, each part aggregated, autograd backward."""
+def loss_torch(flat: FlatInputs, config: PolicyLossConfig, parts: list[StreamPart], scale: float
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The torch path of :func:`_loss_from_flat` (CPU tensors and float64; in float64 it is the oracle the Triton
+    kernel is tested against): per-token terms of :func:`~cipo.kernels.policy_loss_torch.token_terms`, each part
+    aggregated, autograd backward."""
     terms = token_terms(
         flat.logp, flat.old_logp, flat.advantages, flat.mask, flat.seq_index, flat.num_seqs,
         clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high,

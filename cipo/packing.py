@@ -1,4 +1,4 @@
-"""The packed layout of a training step: base + correction sequences in one flat token stream (DESIGN §3).
+"""The packed layout of a training step: base + correction sequences in one flat token stream (docs/DESIGN.md §3).
 
 Conventions (every consumer relies on them):
 

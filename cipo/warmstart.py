@@ -2,8 +2,9 @@
 
 A freshly initialised tiny model never produces a ``\\boxed{}`` answer, so every reward is 0 and GRPO has no
 gradient. A short SFT on the synthetic task's worked solutions (``cipo.data.synthetic``) brings held-out sampled
-accuracy (T = 1) into the 20-60 % band. The SFT accuracy curve is steep (a few percent to ~90 % within ~150 steps),
-so training stops on a *measured* held-out accuracy (:class:`AccuracyStopper`) rather than after a fixed count.
+accuracy (T = 1) into the 20-60 % band. The step at which accuracy reaches that band varies from seed to seed (measured
+in docs/TRAINER.md, "The tiny model's warm start"), so training stops on a *measured* held-out accuracy
+(:class:`AccuracyStopper`) rather than after a fixed count.
 Typical errors are then miscomputed or misread columns (often the column that takes a carry, e.g.
 ``3+9+1=12``) and a boxed answer that disagrees with the columns: visible in the trajectory, fixable on a retry.
 
@@ -117,7 +118,7 @@ def warm_start(
     AdamW, linear warm-up then cosine decay to 10 % of ``lr`` over ``steps``; loss = mean token cross-entropy over
     the target tokens (solution + eos) of a batch. Batches are drawn from per-epoch shuffles (``seed``).
     ``steps`` is the budget; pass an :class:`AccuracyStopper` as ``on_step`` to stop in the target accuracy band
-    (a fixed count overshoots easily: the default model passes 90 % on 2-digit addition by ~350 steps).
+    (a fixed count lands in the band only by luck: docs/TRAINER.md, "The tiny model's warm start").
 
     Args:
         model: a causal LM (``labels``-style forward); left in eval mode afterwards.
@@ -202,9 +203,9 @@ def warm_start(
 class AccuracyStopper:
     """``on_step`` callback for :func:`warm_start`: every ``every`` steps (from ``min_steps`` on), push the
     weights into a rollout engine, measure sampled accuracy on held-out rows, and stop once it reaches
-    ``target``. The SFT accuracy curve of the tiny model rises steeply (a few percent to ~90 % within a few
-    hundred steps), so a fixed step count lands in the 20-60 % band only by luck; stopping on a measured accuracy
-    lands there every time.
+    ``target``. The step at which the tiny model reaches the 20-60 % band differs between seeds (docs/TRAINER.md,
+    "The tiny model's warm start"), so a fixed step count lands in the band only by luck; stopping on a measured
+    accuracy lands there every time.
 
     Attributes:
         history: ``(step, accuracy)`` of every evaluation.
@@ -247,14 +248,15 @@ class AccuracyStopper:
 
 
 def sampled_accuracy(engine, tokenizer, rows: Sequence[dict], sampling, n: int = 1) -> float:
-    """Mean ``synthetic.score`` of ``n`` completions per row sampled from a ``RolloutEngine``."""
-    from cipo.data.synthetic import score
+    """Mean reward of ``n`` completions per row sampled from a ``RolloutEngine`` (uncut chat prompts, one
+    ``generate`` call): :func:`cipo.rollout.session.sample_and_score` with the reward router, which scores the
+    synthetic task's rows with ``synthetic.score``."""
+    from cipo.rewards.router import RewardScorer
+    from cipo.rollout.session import PromptCodec, sample_and_score
 
-    prompts = [chat_prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    batch = engine.generate(prompts, n, sampling)
-    scores = [
-        score(text, rows[batch.prompt_index[k]]["reward_model"]["ground_truth"]) for k, text in enumerate(batch.texts)
-    ]
+    codec = PromptCodec(tokenizer)
+    _, scores = sample_and_score(engine, RewardScorer(workers=0), [codec.full_ids(r["prompt"]) for r in rows],
+                                 rows, n, sampling)
     return sum(scores) / max(1, len(scores))
 
 
@@ -322,28 +324,3 @@ def build_warm_checkpoint(
     }
     record_path.write_text(json.dumps(record, indent=1))
     return record
-
-
-def classify_error(response: str, row: dict) -> str:
-    """Rough error class of a wrong synthetic-task response, for reports:
-    ``"format"`` (no boxed integer), ``"dropped_carry"`` (columns match a forgotten carry), ``"column"`` (a written
-    column is miscomputed or misread), ``"inconsistent"`` (columns right, boxed answer not), ``"correct"``."""
-    import re
-
-    from cipo.data.synthetic import dropped_carry_solutions, last_boxed, score
-
-    gt = row["reward_model"]["ground_truth"]
-    if score(response, gt) == 1.0:
-        return "correct"
-    boxed = last_boxed(response)
-    if boxed is None or not re.fullmatch(r"\s*[+-]?\d+\s*", boxed):
-        return "format"
-
-    def work(text: str) -> str:
-        return text.rsplit("\\boxed{", 1)[0].strip()
-
-    if any(work(s) == work(response) for s in dropped_carry_solutions(row)):
-        return "dropped_carry"
-    if work(response) == work(solution_for(row)):
-        return "inconsistent"
-    return "column"

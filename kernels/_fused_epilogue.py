@@ -21,7 +21,7 @@ import torch
 
 from ._dispatch import NO_FP_FUSION
 from ._loss_plan import LossPlan, seq_log_weight
-from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+from .policy_loss_torch import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
 
 try:
     import triton

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .policy_loss_ref import token_coefficients
+from .policy_loss_torch import token_coefficients
 
 KL_CODE = {"k1": 1, "k2": 2, "k3": 3, "abs": 4}
 TIS_CODE = {None: 0, "token": 1, "sequence": 2}
@@ -47,7 +47,7 @@ class LossPlan:
         part_names: names of the stream parts (``("all",)`` or ``("base", "corr")``), keys ``loss/<name>``.
         part_weights: their weights (1 and λ).
         part_normalizers: each part's global token/sequence count for micro-batches, or None (local count).
-        loss_agg_mode: one of the five aggregation modes (DESIGN §4).
+        loss_agg_mode: one of the five aggregation modes (docs/DESIGN.md §4).
         scale_factor: the divisor of ``seq-mean-token-sum-norm``.
         clip_ratio_low, clip_ratio_high: ε_low, ε_high.
         clip_ratio_c: the dual-clip bound, or None.

@@ -6,7 +6,7 @@ Callers: ``policy_loss._policy_loss_fwd_kernel`` (loss from per-token log-probs)
 calls the helper on a block of tokens (any shape) in fp32, then stores its partial sums (``Σ_p c_p·pg``,
 ``Σ_p c_p·kl``, ``Σ_p c_p·H``, metric counts) with :func:`store_partial_sums` and ``g_logp = c_total · dl``.
 
-Formulas (DESIGN §4, exactly as :mod:`.policy_loss_ref` states them; this module only changes *how* they are
+Formulas (docs/DESIGN.md §4, exactly as :mod:`.policy_loss_torch` states them; this module only changes *how* they are
 evaluated), per token, with ``Δ = logp − old``:
 
 * ratio ``ρ = exp(clamp(Δ, ±RATIO_CLAMP))`` (±20);
@@ -60,7 +60,7 @@ def policy_token_terms(
     TIS_MODE: tl.constexpr, HAS_IS_W: tl.constexpr, RATIO_CLAMP: tl.constexpr, K3_X_CLAMP: tl.constexpr,
     K3_Y_CLAMP: tl.constexpr,
 ):
-    """Per-token terms of DESIGN §4 for a block of tokens (any shape), fp32, masked by ``m``; see the module
+    """Per-token terms of docs/DESIGN.md §4 for a block of tokens (any shape), fp32, masked by ``m``; see the module
     docstring for the formulas, the outputs and the tie conventions."""
     # ratio = exp(clamp(logp − old, ±20)); the clamp passes the gradient on its closed interval only.
     d = logp - old

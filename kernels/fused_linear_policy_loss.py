@@ -9,7 +9,7 @@ included — without ever holding the ``[T, V]`` logits.
 Why the gradient can be finished in the forward
 -----------------------------------------------
 Every aggregation mode is linear in the per-token values (``agg_p(v) = Σ_t c_p[t]·v_t``, coefficients from
-:func:`.policy_loss_ref.token_coefficients`), and a token's loss ``ℓ_t = pg_t·w_t + β·kl_t − γ·H_t`` depends only
+:func:`.policy_loss_torch.token_coefficients`), and a token's loss ``ℓ_t = pg_t·w_t + β·kl_t − γ·H_t`` depends only
 on its own ``logp_t``, its own entropy ``H_t`` and constants known before the pass (advantage, old/ref/rollout
 log-probs, the truncated-IS weight, the coefficients). So with ``c_t = Σ_p λ_p·c_p[t]`` (λ = 1 for the base
 stream, ``lambda_corr`` for the correction stream) the upstream gradients are
@@ -41,7 +41,7 @@ with the smaller accumulator (``smaller_accumulator_axis``): with an fp32 sum on
 slabs for H ≥ 2048.
 
 With ``dw_accum="auto"`` (the default) half weights on CUDA sum ``dW`` in the weight dtype, so token chunks fit the
-budget at any shape (chunks of up to 2048 rows, :func:`_weight_accum_chunk_rows`); fp32 sums keep the rule above.
+budget at any shape (chunks of up to 2048 rows, :func:`weight_accum_chunk_rows`); fp32 sums keep the rule above.
 
 Cost (``R`` loss rows, ``C`` rows per chunk, ``Vb`` columns per slab, ``b`` bytes per input element; the tile is
 ``plan_chunks``' budget: 256 MiB of fp32 on CUDA, 64 MiB on CPU, or ``chunk_tokens × V`` elements):
@@ -82,7 +82,7 @@ Further choices
 
 Files: this module holds the tiling choice, the two tilings' drivers, the autograd function and the tensor-level
 entry :func:`fused_linear_policy_loss_flat`; the Triton epilogue and its launcher are :mod:`._fused_epilogue`, the
-torch epilogue (the CPU path; fp64 always takes it) :mod:`.fused_linear_policy_loss_ref`, the chunk loop
+torch epilogue (the CPU path; fp64 always takes it) :mod:`.fused_linear_policy_loss_torch`, the chunk loop
 ``_chunking.token_chunk_pass``. The packed-batch entry ``cipo.fused_linear_policy_loss`` (``cipo/fused_loss.py``)
 validates the batch and prepares the tensors and the :class:`._loss_plan.LossPlan`. Measured costs of the tilings
 and of the ``dW`` sums: docs/BENCHMARKS.md.
@@ -109,19 +109,20 @@ from ._chunking import (
 from ._dispatch import use_triton
 from ._fused_epilogue import HAS_TRITON, RowStats, TokenRows, launch
 from ._loss_plan import LossPlan, part_coefficients, seq_log_weight
-from .fused_linear_policy_loss_ref import terms_torch, token_epilogue_torch
+from .fused_linear_policy_loss_torch import terms_torch, token_epilogue_torch
 from .linear_logprob import OnlineRowStats, softmax_grad_, update_row_stats_
 
-__all__ = ["COMPACT_BELOW", "MEMORY_BUDGET_BYTES", "fused_linear_policy_loss_flat", "resolve_dw_accum"]
+__all__ = ["COMPACT_BELOW", "MEMORY_BUDGET_BYTES", "choose_tiling", "compact_rows", "fused_linear_policy_loss_flat",
+           "resolve_dw_accum", "tile_bytes", "token_rows", "weight_accum_chunk_rows"]
 
-#: Extra-memory budget the automatic tiling choice respects (the issue's target on GPU).
+#: Extra-memory budget the automatic tiling choice respects (the GPU memory target, docs/BENCHMARKS.md).
 MEMORY_BUDGET_BYTES = int(1.5 * 2**30)
 
 #: Compact to the loss rows when they are at most this share of the tokens: below it the saved FLOPs pay for the
 #: gathered ``[R, H]`` copy of ``hidden``; above it the few non-loss rows are computed and masked.
 COMPACT_BELOW = 0.9
 
-#: Most rows per token chunk that :func:`_weight_accum_chunk_rows` picks (the largest size measured).
+#: Most rows per token chunk that :func:`weight_accum_chunk_rows` picks (the largest size measured).
 _MAX_WEIGHT_ACCUM_CHUNK = 2048
 
 
@@ -130,7 +131,7 @@ _MAX_WEIGHT_ACCUM_CHUNK = 2048
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _compact(k: TokenRows) -> tuple[TokenRows, Optional[torch.Tensor]]:
+def compact_rows(k: TokenRows) -> tuple[TokenRows, Optional[torch.Tensor]]:
     """Keep only the loss rows (nothing else reaches the loss or a metric) when they are at most
     :data:`COMPACT_BELOW` of the tokens. Returns the rows and their indices, or ``(k, None)``."""
     n = k.targets.numel()
@@ -140,23 +141,23 @@ def _compact(k: TokenRows) -> tuple[TokenRows, Optional[torch.Tensor]]:
     return k.select(rows), rows
 
 
-def _tile_bytes(chunk_rows: int, n_vocab: int, weight_dtype: torch.dtype) -> int:
+def tile_bytes(chunk_rows: int, n_vocab: int, weight_dtype: torch.dtype) -> int:
     """Bytes of one token chunk's tile: fp32 logits (an upper bound: half on CPU) plus, for half weights, the
     half copy of ``dL/dz`` that feeds the gradient GEMMs."""
     half = weight_dtype in (torch.float16, torch.bfloat16)
     return chunk_rows * n_vocab * (4 + (2 if half else 0))
 
 
-def _choose_tiling(n_rows: int, n_vocab: int, n_hidden: int, plan: ChunkPlan, k: TokenRows, dw_accum: str = "fp32",
-                   weight_dtype: torch.dtype = torch.float32) -> str:
-    """Token chunks (6·THV) when their extra memory fits :data:`MEMORY_BUDGET_BYTES` — the tile (:func:`_tile_bytes`),
+def choose_tiling(n_rows: int, n_vocab: int, n_hidden: int, plan: ChunkPlan, k: TokenRows, dw_accum: str = "fp32",
+                  weight_dtype: torch.dtype = torch.float32) -> str:
+    """Token chunks (6·THV) when their extra memory fits :data:`MEMORY_BUDGET_BYTES` — the tile (:func:`tile_bytes`),
     the fp32 ``dW`` accumulator (none for one chunk or ``dw_accum="weight"``) and, for half weights summed in fp32,
     ``addmm_acc_``'s fp32 products (one tile budget) — and, for on-policy sequence TIS, no sequence is longer than a
     chunk; else the tiling with the smaller accumulator."""
     accumulated = n_rows > plan.chunk_tokens and dw_accum == "fp32"
     acc_bytes = n_vocab * n_hidden * 4 if accumulated else 0
     temp_bytes = plan.tile_elems * 4 if accumulated and weight_dtype in (torch.float16, torch.bfloat16) else 0
-    fits = acc_bytes + _tile_bytes(plan.chunk_tokens, n_vocab, weight_dtype) + temp_bytes <= MEMORY_BUDGET_BYTES
+    fits = acc_bytes + tile_bytes(plan.chunk_tokens, n_vocab, weight_dtype) + temp_bytes <= MEMORY_BUDGET_BYTES
     if fits and k.deferred and n_rows:
         _, counts = torch.unique_consecutive(k.seq_index, return_counts=True)
         fits = int(counts.max()) <= plan.chunk_tokens
@@ -175,13 +176,13 @@ def resolve_dw_accum(dw_accum: str, device: torch.device, weight_dtype: torch.dt
     return "weight" if device.type == "cuda" and weight_dtype in (torch.float16, torch.bfloat16) else "fp32"
 
 
-def _weight_accum_chunk_rows(n_vocab: int, weight_dtype: torch.dtype) -> int:
+def weight_accum_chunk_rows(n_vocab: int, weight_dtype: torch.dtype) -> int:
     """Rows per token chunk on CUDA when ``dW`` is summed in the weight dtype: the largest multiple of 128 (at most
     2048) whose tile fits 90 % of :data:`MEMORY_BUDGET_BYTES` — 1536 at V = 151936 with bf16 weights.
 
     Each chunk re-reads and re-writes the whole ``V × H`` gradient (``addmm_`` with beta = 1), so few large chunks
     win (measured chunk sizes: docs/BENCHMARKS.md, "dW accumulation")."""
-    rows = int(0.9 * MEMORY_BUDGET_BYTES) // _tile_bytes(1, max(n_vocab, 1), weight_dtype)
+    rows = int(0.9 * MEMORY_BUDGET_BYTES) // tile_bytes(1, max(n_vocab, 1), weight_dtype)
     return max(128, min(_MAX_WEIGHT_ACCUM_CHUNK, rows // 128 * 128))
 
 
@@ -352,11 +353,12 @@ def _check_interpreted() -> None:
                            "so its Triton kernels cannot run on CPU tensors; set TRITON_INTERPRET=1 before importing")
 
 
-def _token_rows(targets: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
-                part_masks: list[torch.Tensor], advantages: torch.Tensor, plan: LossPlan, *,
-                old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
-                rollout_logp: Optional[torch.Tensor], dtype: torch.dtype) -> TokenRows:
-    """All rows' inputs (compaction comes after): the TIS input and the aggregation coefficients added."""
+def token_rows(targets: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
+               part_masks: list[torch.Tensor], advantages: torch.Tensor, plan: LossPlan, *,
+               old_logp: Optional[torch.Tensor], ref_logp: Optional[torch.Tensor],
+               rollout_logp: Optional[torch.Tensor], dtype: torch.dtype) -> TokenRows:
+    """All rows' inputs of :func:`fused_linear_policy_loss_flat` (same arguments; compaction comes after): the TIS
+    input and the aggregation coefficients added."""
     tis = None
     if plan.tis_code == 1:
         tis = rollout_logp
@@ -405,7 +407,7 @@ def fused_linear_policy_loss_flat(
         old_logp: None means on-policy (``old_logp := logp`` detached, ratio 1).
         ref_logp: given exactly when ``plan.kl_estimator`` is set.  rollout_logp: needed when ``plan.tis_mode`` is.
         chunk_tokens: logits tile of ``chunk_tokens × V`` elements; None: ``_chunking.plan_chunks``' budget.
-        tiling: ``"token"``, ``"vocab"`` or None (automatic, :func:`_choose_tiling`).
+        tiling: ``"token"``, ``"vocab"`` or None (automatic, :func:`choose_tiling`).
         dw_accum: ``"fp32"``, ``"weight"`` or ``"auto"`` (:func:`resolve_dw_accum`).
 
     Returns:
@@ -419,17 +421,17 @@ def fused_linear_policy_loss_flat(
     device = hidden.device
     dtype = accum_dtype(hidden.dtype)
     dw_accum = resolve_dw_accum(dw_accum, device, weight.dtype)
-    k = _token_rows(targets, mask, seq_index, num_seqs, part_masks, advantages, plan, old_logp=old_logp,
+    k = token_rows(targets, mask, seq_index, num_seqs, part_masks, advantages, plan, old_logp=old_logp,
                     ref_logp=ref_logp, rollout_logp=rollout_logp, dtype=dtype)
-    k, rows = _compact(k)
+    k, rows = compact_rows(k)
     n_rows, n_vocab, n_hidden = k.targets.numel(), weight.shape[0], weight.shape[1]
     chunks = plan_chunks(n_rows, n_vocab, device, chunk_tokens)
     if chunk_tokens is None and dw_accum == "weight" and tiling != "vocab" and device.type == "cuda":
-        rows_per_chunk = _weight_accum_chunk_rows(n_vocab, weight.dtype)
+        rows_per_chunk = weight_accum_chunk_rows(n_vocab, weight.dtype)
         if rows_per_chunk > chunks.chunk_tokens:
             chunks = plan_chunks(n_rows, n_vocab, device, rows_per_chunk)
-    chosen = tiling if tiling is not None else _choose_tiling(n_rows, n_vocab, n_hidden, chunks, k, dw_accum,
-                                                              weight.dtype)
+    chosen = tiling if tiling is not None else choose_tiling(n_rows, n_vocab, n_hidden, chunks, k, dw_accum,
+                                                             weight.dtype)
     triton_path = HAS_TRITON and dtype != torch.float64 and use_triton(hidden, weight)
     if triton_path and not hidden.is_cuda:
         _check_interpreted()

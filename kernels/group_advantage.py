@@ -1,6 +1,6 @@
 """Triton fast path of :func:`cipo.group_advantages`: segmented mean / std of sequence rewards per group.
 
-Formulas are DESIGN §4, exactly as :mod:`.group_advantage_ref` states them (grpo, drgrpo, rloo; a group of one
+Formulas are docs/DESIGN.md §4, exactly as :mod:`.group_advantage_torch` states them (grpo, drgrpo, rloo; a group of one
 uses mean 0 and std 1; a group of equal rewards gives exactly 0).
 
 Layout of the computation (deterministic: no atomics, every reduction has a fixed order):
@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .group_advantage_ref import ESTIMATORS
+from .group_advantage_torch import ESTIMATORS
 
 MAX_BLOCK = 1024
 """Largest block of group members a program holds at once; bigger groups loop."""

@@ -42,7 +42,7 @@ Implementations
 ---------------
 Epilogues come in two interchangeable flavours with identical formulas: Triton kernels (CUDA tensors, or CPU
 tensors under ``CIPO_FORCE_TRITON=1`` + ``TRITON_INTERPRET=1``, see ``_dispatch.use_triton``) and chunked torch
-(the CPU path, same memory bound; in :mod:`.linear_logprob_ref`). fp64 inputs always take the torch epilogues
+(the CPU path, same memory bound; in :mod:`.linear_logprob_torch`). fp64 inputs always take the torch epilogues
 (the kernels compute in fp32). GEMMs are torch (cuBLAS / CPU BLAS) on both paths. Triton kernels convert to fp32
 right after each load (the interpreter's bf16 arithmetic is wrong), use plain pointer arithmetic and hand-picked
 block sizes (no autotune).
@@ -60,7 +60,7 @@ from torch.autograd.function import once_differentiable
 
 from ._chunking import ChunkPlan, accum_dtype, plan_chunks, smaller_accumulator_axis, tile_pass
 from ._dispatch import NO_FP_FUSION, use_triton
-from .linear_logprob_ref import IGNORE_INDEX, OnlineRowStats, softmax_grad_torch_, update_row_stats_torch_
+from .linear_logprob_torch import IGNORE_INDEX, OnlineRowStats, softmax_grad_torch_, update_row_stats_torch_
 
 try:
     import triton

@@ -1,6 +1,6 @@
 """Triton fast path of the policy loss from per-token log-probs (``cipo.policy_loss``, ``cipo.cipo_policy_loss``).
 
-Formulas are DESIGN §4, exactly as :mod:`.policy_loss_ref` states them; this module only changes *how* they
+Formulas are docs/DESIGN.md §4, exactly as :mod:`.policy_loss_torch` states them; this module only changes *how* they
 are evaluated. The entry point :func:`policy_loss_triton` receives the flat token tensors of one loss call, one
 mask per stream part and the :class:`._loss_plan.LossPlan` (``loss = Σ_p weight_p · agg_p(ℓ)``) from
 ``cipo.loss``.
@@ -8,7 +8,7 @@ mask per stream part and the :class:`._loss_plan.LossPlan` (``loss = Σ_p weight
 Design — one elementwise pass, gradient finished in the forward:
 
 * Every aggregation mode is linear in the per-token values: ``agg_p(v) = Σ_t c_p[t]·v_t`` with ``c_p`` from
-  :func:`.policy_loss_ref.token_coefficients` (part mask, part normaliser). torch computes ``c`` as ``[P, N]``
+  :func:`.policy_loss_torch.token_coefficients` (part mask, part normaliser). torch computes ``c`` as ``[P, N]``
   (a few tiny segment sums); the Triton kernel does the rest in fp32, blocks of :data:`BLOCK` tokens:
   ratio with its ±20 clamp, clipped / dual-clipped surrogate, truncated-IS and precomputed importance
   weights, KL estimate, and the
@@ -57,7 +57,7 @@ from torch.autograd.function import once_differentiable
 
 from ._loss_plan import LossPlan, part_coefficients, seq_log_weight
 from ._policy_math import policy_token_terms, store_partial_sums
-from .policy_loss_ref import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
+from .policy_loss_torch import K3_CLAMP, K3_LOG_RATIO_CLAMP, LOG_RATIO_CLAMP
 
 BLOCK = 1024
 """Tokens per program: big blocks keep the interpreter fast and a GPU's memory pipes busy."""

@@ -1,11 +1,12 @@
-"""One training step's base + correction sequences as one :class:`~cipo.packing.PackedBatch` (issue 5 item 6).
+"""One training step's base + correction sequences as one :class:`~cipo.packing.PackedBatch`, and its advantages.
 
 Layout: the base groups first (stream 0, group ids ``0 … G_b − 1``), then the correction groups (stream 1,
 group ids ``G_b … G_b + G_c − 1``), each group's rollouts in order — so the streams' group ids never collide
 and group normalisation never mixes them. Loss masks cover response tokens only (``PackedBatch``'s
 convention). The rollout engine's log-probs, when given, go to ``rollout_logp`` and, unless a trainer forward
 supplied them, to ``old_logp`` (one update per batch: the sampler *is* the old policy). λ is not baked into the
-batch: :func:`step_loss` passes ``CIPOConfig.lambda_corr`` to :func:`cipo.cipo_policy_loss`.
+batch: the loss takes ``CIPOConfig.lambda_corr`` (``cipo.cipo_policy_loss(..., lambda_corr=λ,
+advantages=step_advantages(batch, config, regression=...))``).
 
 With the correction stream off (``CIPOConfig.correction_active`` False) the batch holds the base sequences
 only and the loss is plain GRPO's, bit for bit.
@@ -14,13 +15,11 @@ only and the loss is plain GRPO's, bit for bit.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
 from ..advantages import group_advantages
-from ..config import PolicyLossConfig
-from ..loss import cipo_policy_loss
 from ..packing import BASE_STREAM, CORRECTION_STREAM, PackedBatch, SequenceSample, TokenIds, TokenValues
 from .config import CIPOConfig
 from .pass_rate import PromptId
@@ -76,8 +75,8 @@ def build_correction_prompts(selection: Selection, candidates: Sequence[PromptRe
     out = []
     for pick in selection.picks:
         result = candidates[pick.result_index]
-        out.append(template.build(result.prompt, result.trajectories[pick.trajectory_index].text, encode=encode,
-                                  decode=decode))
+        attempt = result.trajectories[pick.trajectory_index]
+        out.append(template.build(result.prompt, attempt.text, encode=encode, decode=decode, correct=attempt.correct))
     return out
 
 
@@ -154,18 +153,33 @@ def assemble_step(base_groups: Sequence[RolloutGroup], corr_groups: Sequence[Rol
     return PackedBatch.from_sequences(sequences, device=device)
 
 
+def shaped_group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, regression: Sequence[bool],
+                            config: CIPOConfig, *, estimator: str = "grpo") -> torch.Tensor:
+    """CIPO's advantage rule: rewards normalised within each group (:func:`cipo.group_advantages`), then
+    ``A − α`` on the regressions when ``config.shaping_target == "advantage"`` (in ``"reward"`` mode the rewards
+    are already shaped and the flags are not used).
+
+    Args:
+        rewards: ``[S]`` (shaped) rewards; the result has their dtype (float32 unless float64).
+        group_ids: ``[S]`` integer group ids.
+        regression: ``[S]`` one flag per sequence (False for base sequences).
+    """
+    adv = group_advantages(rewards, group_ids, estimator=estimator)
+    if config.shaping_target != "advantage":
+        return adv
+    return shape_advantages(adv, regression, config.alpha)
+
+
 def step_advantages(batch: PackedBatch, config: CIPOConfig, *, regression: Optional[Sequence[bool]] = None,
                     estimator: str = "grpo") -> torch.Tensor:
-    """Per-sequence advantages ``[S]`` of a step: group-normalised rewards, then ``A − α`` on correction
-    regressions when ``config.shaping_target == "advantage"``.
+    """Per-sequence advantages ``[S]`` of an assembled step (:func:`shaped_group_advantages` on its rewards).
 
     Args:
         regression: one flag per *correction* sequence in batch order (:attr:`ShapingResult.regression`);
-            ignored in ``"reward"`` mode (the rewards are already shaped).
+            ignored in ``"reward"`` mode (the rewards are already shaped); None: no regressions.
     """
-    adv = group_advantages(batch.reward, batch.group_id, estimator=estimator)
     if config.shaping_target != "advantage" or regression is None:
-        return adv
+        return group_advantages(batch.reward, batch.group_id, estimator=estimator)
     corr_rows = torch.nonzero(batch.stream == CORRECTION_STREAM).flatten().tolist()
     flags = [bool(f) for f in regression]
     if len(flags) != len(corr_rows):
@@ -173,17 +187,4 @@ def step_advantages(batch: PackedBatch, config: CIPOConfig, *, regression: Optio
     full = [False] * batch.num_seqs
     for row, flag in zip(corr_rows, flags):
         full[row] = flag
-    return shape_advantages(adv, full, config.alpha)
-
-
-def step_loss(logp: torch.Tensor, batch: PackedBatch, loss_config: PolicyLossConfig, config: CIPOConfig, *,
-              regression: Optional[Sequence[bool]] = None, estimator: str = "grpo",
-              entropy: Optional[torch.Tensor] = None, base_normalizer: Optional[float] = None,
-              corr_normalizer: Optional[float] = None) -> tuple[torch.Tensor, dict[str, Any]]:
-    """CIPO's loss ``L_base + λ · L_corr`` of an assembled step, λ = ``config.lambda_corr``.
-
-    Advantages come from :func:`step_advantages`; the rest is :func:`cipo.cipo_policy_loss`.
-    """
-    advantages = step_advantages(batch, config, regression=regression, estimator=estimator)
-    return cipo_policy_loss(logp, batch, loss_config, lambda_corr=config.lambda_corr, advantages=advantages,
-                            entropy=entropy, base_normalizer=base_normalizer, corr_normalizer=corr_normalizer)
+    return shaped_group_advantages(batch.reward, batch.group_id, full, config, estimator=estimator)

@@ -1,4 +1,4 @@
-"""``CIPOConfig``: every knob of CIPO's algorithm (issue 5 item 8). docs/ALGORITHM.md justifies each default."""
+"""``CIPOConfig``: every knob of CIPO's algorithm. docs/ALGORITHM.md justifies each default."""
 
 from __future__ import annotations
 

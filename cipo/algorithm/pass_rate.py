@@ -1,4 +1,4 @@
-"""Per-prompt empirical pass rates from the base rollouts (issue 5 item 2).
+"""Per-prompt empirical pass rates from the base rollouts.
 
 For each prompt the tracker keeps this step's pass rate ``p̂_t = (#correct) / G`` and an exponential moving
 average over the steps in which the prompt was sampled, ``ema ← d · ema + (1 − d) · p̂_t`` (the first

@@ -1,4 +1,4 @@
-"""The adaptive replay ratio ρ (issue 5 item 4) and the offline trajectory pool (item 7).
+"""The adaptive replay ratio ρ and the offline trajectory pool.
 
 **Retention** of a step is the accuracy of the correction rollouts whose conditioning trajectory was correct:
 ``retained / total`` with ``retained = #(correct → correct)`` and ``total = #(correct → correct) +

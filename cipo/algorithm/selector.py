@@ -1,4 +1,4 @@
-"""Difficulty-aware choice of the conditioning trajectories of the correction batch (issue 5 item 3).
+"""Difficulty-aware choice of the conditioning trajectories of the correction batch.
 
 Given the candidates (this step's base results, or the offline pool), the number of correction prompts ``B``
 and the replay ratio ρ, the selector returns ``B`` picks: ``round(ρ·B)`` successful trajectories and the rest

@@ -1,4 +1,4 @@
-"""Risk-averse shaping of correction rewards (issue 5 item 5).
+"""Risk-averse shaping of correction rewards.
 
 A correction rollout is a *transition* from its conditioning trajectory's correctness to its own:
 incorrect→correct (a fix), incorrect→incorrect, correct→correct (retained), correct→incorrect (a regression).

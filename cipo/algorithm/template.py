@@ -1,9 +1,14 @@
-"""The correction prompt ``c = template(x, y_prev)`` (DESIGN §1, issue 5 item 1).
+"""The correction prompt ``c = template(x, y_prev)`` (docs/DESIGN.md §1).
 
 The template sees the original prompt and the model's own previous trajectory, nothing else: it has no
 parameter for the ground truth, a critique or a verdict, and its own wording is neutral, because the previous
 attempt may well be correct (replayed successes) and CIPO uses no external signal. Its output is, exactly,
 the original prompt, the (possibly truncated) attempt and the template's fixed wording.
+
+One ablation goes beyond the paper: a template with ``verdict_correct``/``verdict_incorrect`` set and a
+``{verdict}`` placeholder states the verifier's verdict on the attempt. ``build`` then needs the attempt's
+correctness (``correct=``) and picks the matching sentence, so the verdict is true for every attempt, replayed
+successes included; such a template also needs ``allow_verdict_words``.
 
 Two renderings of the same content:
 
@@ -98,6 +103,10 @@ class CorrectionTemplate:
         elision_marker: text between head and tail; ``{omitted}`` (optional) becomes the number of tokens cut.
         allow_verdict_words: skip the check that the template's own wording contains no verdict words
             (:data:`VERDICT_PATTERN`) — only for ablations that deliberately give the model a verdict.
+        verdict_correct, verdict_incorrect: the sentences that state the verifier's verdict on a correct / an
+            incorrect attempt, substituted for a ``{verdict}`` placeholder in ``user_format``. Both None (the
+            default: the paper's neutral prompt, no placeholder) or both strings (then ``{verdict}`` is required and
+            :meth:`build` needs ``correct``).
     """
 
     user_format: str = DEFAULT_USER_FORMAT
@@ -106,6 +115,8 @@ class CorrectionTemplate:
     head_fraction: float = 0.25
     elision_marker: str = DEFAULT_ELISION_MARKER
     allow_verdict_words: bool = False
+    verdict_correct: Optional[str] = None
+    verdict_incorrect: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.user_format, str), "user_format", "a string", self.user_format)
@@ -114,8 +125,16 @@ class CorrectionTemplate:
         except ValueError as exc:
             raise ValueError(f"CorrectionTemplate.user_format is not a valid format string ({exc}); double "
                              "literal braces") from exc
-        _require(sorted(names) == ["attempt", "problem"], "user_format",
-                 "a format string with exactly one {problem} and one {attempt} placeholder", self.user_format)
+        verdicts = (self.verdict_correct, self.verdict_incorrect)
+        _require(all(v is None for v in verdicts) or all(isinstance(v, str) for v in verdicts), "verdict_correct",
+                 "None together with verdict_incorrect, or a string together with it", verdicts)
+        if self.states_verdict:
+            _require(sorted(names) == ["attempt", "problem", "verdict"], "user_format",
+                     "a format string with exactly one {problem}, one {attempt} and one {verdict} placeholder "
+                     "(verdict_correct/verdict_incorrect are set)", self.user_format)
+        else:
+            _require(sorted(names) == ["attempt", "problem"], "user_format",
+                     "a format string with exactly one {problem} and one {attempt} placeholder", self.user_format)
         _require(self.system is None or isinstance(self.system, str), "system", "None or a string", self.system)
         _require(self.max_attempt_tokens is None or (isinstance(self.max_attempt_tokens, int)
                                                      and not isinstance(self.max_attempt_tokens, bool)
@@ -141,15 +160,23 @@ class CorrectionTemplate:
 
     # ------------------------------------------------------------------ building
 
+    @property
+    def states_verdict(self) -> bool:
+        """Whether the prompt states the verifier's verdict on the attempt (``verdict_correct``/``_incorrect``)."""
+        return self.verdict_correct is not None
+
     def wording(self) -> str:
         """All text the template itself contributes (placeholders removed), for audits and tests."""
-        parts = [self.user_format.format(problem="", attempt=""), self.elision_marker.replace("{omitted}", "")]
+        parts = [self.user_format.format(problem="", attempt="", verdict=""),
+                 self.elision_marker.replace("{omitted}", "")]
         if self.system:
             parts.append(self.system)
+        if self.states_verdict:
+            parts.extend([self.verdict_correct, self.verdict_incorrect])
         return "\n".join(parts)
 
     def build(self, prompt: PromptLike, attempt: str, *, encode: Optional[Encode] = None,
-              decode: Optional[Decode] = None) -> CorrectionPrompt:
+              decode: Optional[Decode] = None, correct: Optional[bool] = None) -> CorrectionPrompt:
         """Build the correction prompt from the original prompt and a previous trajectory.
 
         Args:
@@ -158,12 +185,21 @@ class CorrectionTemplate:
             attempt: the previous trajectory's response text (decoded without special tokens).
             encode, decode: the tokenizer used for the budget (``encode(text) -> ids``, ``decode(ids) -> text``,
                 both without special tokens). Required when ``max_attempt_tokens`` is set.
+            correct: the verifier's verdict on the attempt. Required when the template states the verdict
+                (:attr:`states_verdict`), ignored otherwise.
 
         Raises:
-            ValueError: on a malformed prompt, or a budget without a tokenizer.
+            ValueError: on a malformed prompt, a budget without a tokenizer, or a verdict template without
+                ``correct``.
         """
         if not isinstance(attempt, str):
             raise ValueError(f"attempt must be a string (the decoded trajectory); got {type(attempt).__name__}")
+        verdict = ""
+        if self.states_verdict:
+            if not isinstance(correct, bool):
+                raise ValueError("this CorrectionTemplate states the verdict (verdict_correct/verdict_incorrect are "
+                                 f"set): pass correct=True or False, the attempt's verdict; got {correct!r}")
+            verdict = self.verdict_correct if correct else self.verdict_incorrect
         leading, problem = _split_prompt(prompt)
         truncated, attempt_tokens, omitted, marker = False, None, 0, ""
         if self.max_attempt_tokens is not None:
@@ -176,7 +212,7 @@ class CorrectionTemplate:
             truncated = omitted > 0
         elif encode is not None:
             attempt_tokens = len(encode(attempt))
-        body = self.user_format.format(problem=problem, attempt=attempt)
+        body = self.user_format.format(problem=problem, attempt=attempt, verdict=verdict)
         has_system = any(m["role"] == "system" for m in leading)
         messages = [dict(m) for m in leading]
         if self.system is not None and not has_system:
@@ -238,13 +274,19 @@ def truncate_attempt(attempt: str, budget: int, encode: Encode, decode: Decode, 
 
 def correction_prompt_ids(template: CorrectionTemplate, rows: Sequence[Mapping[str, Any]],
                           attempts: Sequence[tuple[int, str]], prompt_ids: Callable[[Any], list[int]],
-                          encode: Encode, decode: Decode) -> list[list[int]]:
+                          encode: Encode, decode: Decode, correct: Optional[Sequence[bool]] = None
+                          ) -> list[list[int]]:
     """Token ids of the correction prompts ``template(x, attempt)`` for ``(row index, attempt text)`` pairs.
 
     ``prompt_ids`` renders chat messages with the tokenizer's chat template (and applies the prompt-length limit);
-    ``encode``/``decode`` measure the attempt's token budget. One function for the trainer's in-training evaluation
-    and ``cipo eval``, so both score corrections of exactly the same prompts."""
-    built = [template.build(rows[i]["prompt"], text, encode=encode, decode=decode) for i, text in attempts]
+    ``encode``/``decode`` measure the attempt's token budget; ``correct`` (one verdict per attempt) is needed by a
+    template that states the verdict. One function for the trainer's in-training evaluation and ``cipo eval``, so
+    both score corrections of exactly the same prompts."""
+    if correct is not None and len(correct) != len(attempts):
+        raise ValueError(f"correct has {len(correct)} verdicts for {len(attempts)} attempts")
+    verdicts: Sequence[Optional[bool]] = [None] * len(attempts) if correct is None else correct
+    built = [template.build(rows[i]["prompt"], text, encode=encode, decode=decode, correct=verdict)
+             for (i, text), verdict in zip(attempts, verdicts)]
     return [prompt_ids(p.messages) for p in built]
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -255,11 +254,6 @@ def make_splits(n_train: int, n_test: int, seed: int = 0, difficulty: ChatArithD
             make_dataset(n_test, seed, difficulty, split="test"))
 
 
-def problem_keys(rows: Sequence[dict[str, Any]]) -> set[str]:
-    """The problem keys (``extra_info.key``) of chat-arith rows."""
-    return {r["extra_info"]["key"] for r in rows}
-
-
 _VERIFIER = None
 
 
@@ -272,10 +266,3 @@ def score(response: str, ground_truth: str) -> float:
 
         _VERIFIER = MathVerifier()
     return float(_VERIFIER.verify(response, ground_truth).score)
-
-
-def correction_prompt(row: dict[str, Any], attempt: str) -> list[dict[str, str]]:
-    """Chat messages asking for a second try: the problem, the previous (failed) attempt, "Solve the problem
-    again." (used by ``bench/smollm2_task.py`` to compare correction with plain resampling)."""
-    return [*row["prompt"], {"role": "assistant", "content": attempt.strip()},
-            {"role": "user", "content": "Solve the problem again."}]

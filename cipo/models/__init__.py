@@ -6,8 +6,6 @@ from cipo.models.tiny import (
     DEFAULT_MODEL_CONFIG,
     build_tiny_model,
     build_tiny_tokenizer,
-    ensure_tiny_checkpoint,
-    load_tiny,
 )
 
 __all__ = [
@@ -16,7 +14,5 @@ __all__ = [
     "ModelSourceError",
     "build_tiny_model",
     "build_tiny_tokenizer",
-    "ensure_tiny_checkpoint",
-    "load_tiny",
     "resolve_model_source",
 ]

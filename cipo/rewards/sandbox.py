@@ -11,18 +11,18 @@ Layers, strongest available first (see docs/REWARDS.md for the threat model):
   namespace's init dies, /tmp and /dev/shm are private size-capped tmpfs, and there is no network at all;
   otherwise a Python-level socket refusal (weaker) and a kill of every process of the sandbox uid.
 
-Capabilities are detected once per process (:func:`detect_capabilities`).
+Capabilities are detected once per process (:func:`detect_capabilities`). This module is what a run is (its files,
+the harness started through its fork server, the verdict); the uid slots and the kill and clean-up of what a
+sandbox uid leaves behind are :mod:`cipo.rewards.sandbox_processes`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import io
 import marshal
 import math
 import os
 import secrets
-import select
 import shutil
 import signal
 import subprocess
@@ -35,12 +35,19 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ._harness import outputs_match
+from .sandbox_processes import (
+    SandboxUnavailable,
+    force_rmtree,
+    kill_uid,
+    pids_of_uid,
+    remove_files_of_uid,
+    slot_uid,
+    sweep_stale_run_dirs,
+    wait_pid,
+)
 
 _HARNESS_SOURCE = Path(__file__).with_name("_harness.py").read_text(encoding="utf-8")
 HARNESS_MARKER = "cipo-sandbox-harness"
-_SLOT_DIR = Path(tempfile.gettempdir()) / "cipo-sandbox-slots"
-_N_SLOTS = 256
-_UID_BASE_FOR_SLOTS = 62000  # uid of slot k is 62000 + k (no /etc/passwd entry needed)
 _PROBE_PROGRAM = "import bisect, collections, functools, heapq, itertools, json, math, re, string, sys\n"
 _PROBE_TESTS = ["assert math.gcd(12, 18) == 6", "assert sorted(collections.Counter('aab').values()) == [1, 2]"]
 
@@ -66,193 +73,6 @@ class ExecResult:
     passed: bool
     reason: str
     details: dict[str, Any] = field(default_factory=dict)
-
-
-class SandboxUnavailable(RuntimeError):
-    """No configuration of the sandbox could run even a trivial program."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# uid slots: one per process that runs sandboxes, held by an flock for the life of the process.
-_slot_lock = threading.Lock()
-_slot: tuple[int, Any, int] | None = None  # (slot, open lock file, owner pid)
-
-
-def _acquire_slot() -> int:
-    global _slot
-    with _slot_lock:
-        if _slot is not None and _slot[2] == os.getpid():
-            return _slot[0]
-        _SLOT_DIR.mkdir(mode=0o700, exist_ok=True)
-        for slot in range(_N_SLOTS):
-            fh = open(_SLOT_DIR / f"{slot}.lock", "a+")  # noqa: SIM115 -- held open on purpose (the flock)
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                fh.close()
-                continue
-            _slot = (slot, fh, os.getpid())
-            if os.geteuid() == 0 and _pids_of_uid(_UID_BASE_FOR_SLOTS + slot):
-                kill_uid(_UID_BASE_FOR_SLOTS + slot)  # leftovers of a previous owner that was SIGKILLed
-            return slot
-        raise SandboxUnavailable(f"all {_N_SLOTS} sandbox uid slots are in use")
-
-
-def _pids_of_uid(uid: int, include_zombies: bool = False) -> list[int]:
-    """pids whose real uid is ``uid``. Zombies (dead, awaiting their parent's wait) are skipped by default: one
-    orphaned to the system init is reaped on the init's schedule, not ours."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/status", "rb") as f:
-                state = b""
-                for line in f:
-                    if line.startswith(b"State:"):
-                        state = line.split()[1]
-                    elif line.startswith(b"Uid:"):
-                        if int(line.split()[1]) == uid and (include_zombies or state not in (b"Z", b"X")):
-                            pids.append(int(entry))
-                        break
-        except (OSError, IndexError, ValueError):
-            continue
-    return pids
-
-
-def kill_uid(uid: int, python: str | None = None, wait_s: float = 0.5) -> int:
-    """SIGKILL every live process of ``uid``; returns how many were seen.
-
-    A helper process running *as* ``uid`` calls ``kill(-1, SIGKILL)``: the kernel walks the task list under a lock
-    that fork() also needs, so a fork bomb cannot outrun it (killing pids one by one from /proc can be outrun).
-    Popen's setuid happens in C between fork and exec, safe in a threaded parent.
-    """
-    pids = _pids_of_uid(uid)
-    seen = len(pids)
-    deadline = time.monotonic() + wait_s
-    while pids:
-        try:
-            kill_bin = shutil.which("kill", path="/usr/bin:/bin")
-            cmd = [kill_bin, "-9", "-1"] if kill_bin else [python or sys.executable, "-I", "-S", "-c",
-                                                            "import os\ntry: os.kill(-1, 9)\nexcept OSError: pass"]
-            subprocess.run(
-                cmd,
-                user=uid, group=uid, extra_groups=[], env={}, cwd="/", stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=5, close_fds=True,
-            )
-        except (OSError, subprocess.SubprocessError):
-            for pid in pids:  # no helper possible: one by one
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        pids = _pids_of_uid(uid)
-        while pids and time.monotonic() < deadline:  # SIGKILLed processes take a moment to disappear
-            time.sleep(0.005)
-            pids = _pids_of_uid(uid)
-        if time.monotonic() >= deadline:
-            break
-    return seen
-
-
-def remove_files_of_uid(uid: int, roots: Sequence[str] = ("/tmp", "/var/tmp", "/dev/shm")) -> int:
-    """Delete what ``uid`` created in world-writable directories (the only places a sandbox uid can write outside
-    its work dir). Walks world-writable directories only; returns the number of entries removed."""
-    removed = 0
-    stack = [r for r in roots if os.path.isdir(r)]
-    seen = 0
-    while stack and seen < 10000:
-        d = stack.pop()
-        try:
-            entries = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in entries:
-            seen += 1
-            try:
-                st = e.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if st.st_uid == uid:
-                try:
-                    if e.is_dir(follow_symlinks=False):
-                        _force_rmtree(e.path)
-                    else:
-                        os.unlink(e.path)
-                    removed += 1
-                except OSError:
-                    pass
-            elif e.is_dir(follow_symlinks=False) and st.st_mode & 0o002:
-                stack.append(e.path)  # another world-writable dir (e.g. /tmp/.X11-unix): it could write there too
-    return removed
-
-
-_swept_in: int | None = None
-
-
-def _sweep_stale_dirs() -> None:
-    """Once per process: remove run directories left by verifier processes that died mid-run (SIGKILL)."""
-    global _swept_in
-    if _swept_in == os.getpid():
-        return
-    _swept_in = os.getpid()
-    tmp = tempfile.gettempdir()
-    for name in os.listdir(tmp):
-        parts = name.split("-")
-        if len(parts) < 4 or not name.startswith("cipo-sbx-") or not parts[2].isdigit():
-            continue
-        try:
-            os.kill(int(parts[2]), 0)
-            continue  # owner alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        _force_rmtree(os.path.join(tmp, name))
-
-
-def _force_rmtree(path: str) -> None:
-    """rmtree that survives a program having chmod-ed its own directories to 000 (non-root runs)."""
-
-    def onerror(func, p, _exc):
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-
-    shutil.rmtree(path, onerror=onerror)
-    if os.path.exists(path):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _wait_pid(pid: int, popen: subprocess.Popen | None, timeout: float) -> bool:
-    """Wait up to ``timeout`` s for ``pid`` to exit (it stays a zombie: not reaped here); True if it exited.
-
-    A pidfd works for processes that are not our children (the zygote's) and wakes us at once (Popen.wait polls).
-    """
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        if popen is None:
-            raise
-        try:
-            popen.wait(timeout=timeout)
-            return True
-        except subprocess.TimeoutExpired:
-            return False
-    try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        deadline = time.monotonic() + timeout
-        while True:
-            if poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-    finally:
-        os.close(pidfd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +210,7 @@ class LocalSandbox:
     @property
     def uid(self) -> int | None:
         """The uid the programs of this process run as (None when not root)."""
-        return _UID_BASE_FOR_SLOTS + _acquire_slot() if self.capabilities.root else None
+        return slot_uid() if self.capabilities.root else None
 
     def run_assert(self, program: str, tests: Sequence[str]) -> ExecResult:
         """Run ``program`` then each test statement in the same namespace; pass iff all statements succeed."""
@@ -442,7 +262,7 @@ class LocalSandbox:
     # -- internals ---------------------------------------------------------------------------------------------
     def _execute(self, cfg: dict, runs: list[dict], inputs: list[str] | None) -> tuple[ExecResult | None, str]:
         """Write the run files, start H0, enforce the wall clock. Returns (early failure or None, base dir)."""
-        _sweep_stale_dirs()
+        sweep_stale_run_dirs()
         # 0700: the sandbox uid can never reach it by name. Our pid in the name lets a later process remove it if
         # we are SIGKILLed mid-run.
         base = tempfile.mkdtemp(prefix=f"cipo-sbx-{os.getpid()}-")
@@ -485,7 +305,7 @@ class LocalSandbox:
         pid, popen, zygote = self._start_h0(caps, cfg_path)
         if pid is None:
             return ExecResult(False, "sandbox_error", {"error": "could not start the sandbox harness"})
-        timed_out = not _wait_pid(pid, popen, max(0.0, self.timeout_s - (time.monotonic() - start)))
+        timed_out = not wait_pid(pid, popen, max(0.0, self.timeout_s - (time.monotonic() - start)))
         if timed_out:
             try:
                 os.killpg(pid, signal.SIGKILL)  # H0's group: H0, H1 (pid namespace init) and U
@@ -541,7 +361,7 @@ class LocalSandbox:
         if uid is not None:
             return self.max_processes  # a dedicated uid: the count starts at zero
         # Same uid as the verifier: RLIMIT_NPROC counts all its processes, so allow the current ones plus ours.
-        return len(_pids_of_uid(os.getuid())) + self.max_processes
+        return len(pids_of_uid(os.getuid())) + self.max_processes
 
     def _kill_all(self, pid: int, uid: int | None) -> None:
         try:
@@ -620,7 +440,7 @@ class LocalSandbox:
 
     @staticmethod
     def _cleanup(base: str) -> None:
-        _force_rmtree(base)
+        force_rmtree(base)
 
     def __repr__(self) -> str:
         return f"LocalSandbox(timeout_s={self.timeout_s}, memory_mb={self.memory_mb})"

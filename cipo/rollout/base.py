@@ -5,7 +5,7 @@ Logprob convention (both engines, tested): for every sampled token ``y_t`` the e
     logprobs[k][t] = log_softmax(logits_t / T)[y_t]          (fp32, T = SamplingConfig.temperature)
 
 i.e. the log-probability under the *temperature-scaled* distribution with no top-p / top-k truncation, which is
-exactly what the trainer computes (DESIGN §4, "Temperature"). Greedy decoding (T = 0) reports T = 1 values,
+exactly what the trainer computes (docs/DESIGN.md §4, "Temperature"). Greedy decoding (T = 0) reports T = 1 values,
 ``log_softmax(logits)``. Top-p / top-k truncation renormalises the distribution over a token subset that neither
 engine can undo cheaply, so asking for logprobs together with top_p < 1 or top_k > 0 is refused; set
 ``SamplingConfig(return_logprobs=False)`` for such sampling (e.g. evaluation).

@@ -68,18 +68,14 @@ class FusedHead(nn.Module):
 
 def materialized_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: PackedBatch,
                              config: PolicyLossConfig, **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    """The unfused path (``actor.fused_loss: false``): the full fp32 logits ``[n, V]``, log-softmax, gather — the
-    one materialised reference, :func:`cipo.kernels.linear_logprob_ref.linear_logprob_reference` (what verl does
-    by default) — then :func:`cipo.cipo_policy_loss`. For comparisons only: it is exactly the memory the fused
-    loss exists to avoid."""
-    from ..kernels.linear_logprob_ref import linear_logprob_reference
-    from ..loss import cipo_policy_loss
+    """The unfused path (``actor.fused_loss: false``): the fused loss's end-to-end reference,
+    :func:`cipo.fused_loss_ref.materialized_policy_loss`, on fp32 copies — the full fp32 logits ``[n, V]``,
+    log-softmax, gather (what verl does by default), then :func:`cipo.cipo_policy_loss` (no entropy). For
+    comparisons only: it is exactly the memory the fused loss exists to avoid."""
+    from ..fused_loss_ref import materialized_policy_loss as reference_loss
 
-    logp = linear_logprob_reference(hidden.float(), weight.float(), batch.targets, config.temperature)
-    if batch.old_logp is None:
-        batch = copy.copy(batch)
-        batch.old_logp = logp.detach()
-    return cipo_policy_loss(logp, batch, config, **kwargs)
+    out = reference_loss(hidden.float(), weight.float(), batch, config, **kwargs)
+    return out.loss, out.metrics
 
 
 class PolicyModule(nn.Module):

@@ -52,7 +52,7 @@ def export_checkpoint(run_dir: Path, out_dir: Path, step: Optional[int] = None) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir = Path(run_dir)
-    source = _initial_model_dir(run_dir)
+    source = initial_model_dir(run_dir)
     path = find_checkpoint(run_dir, step)
     weights = checkpoint_weights(path)
     model = AutoModelForCausalLM.from_pretrained(str(source), local_files_only=True)
@@ -66,15 +66,28 @@ def export_checkpoint(run_dir: Path, out_dir: Path, step: Optional[int] = None) 
     return Path(out_dir)
 
 
-def _initial_model_dir(run_dir: Path) -> Path:
-    """The HF directory the run started from: ``init_model/`` (tiny) or the config's ``model.path``."""
-    if (run_dir / "init_model" / "config.json").exists():
+def initial_model_dir(run_dir: Path, model_path: Optional[str] = None) -> Path:
+    """The HF directory a run started from (what its rollout engine loaded first, and the model a checkpoint's
+    weights go into): ``init_model/`` (the built tiny model), else the directory ``model.path`` names
+    (``model_path``, default read from ``RUN/config.yaml``).
+
+    Raises:
+        FileNotFoundError: no ``init_model/`` and no ``config.yaml``, or ``model.path`` names no usable model.
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / "init_model" / "config.json").is_file():
         return run_dir / "init_model"
-    import yaml
+    if model_path is None:
+        import yaml
 
-    from .setup import model_directory
+        config_file = run_dir / "config.yaml"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no init_model/ and no config.yaml)")
+        model_path = str(yaml.safe_load(config_file.read_text())["model"]["path"])
+    from ..models.gguf_source import ModelSourceError, resolve_model_source
 
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no init_model/ and no config.yaml)")
-    return model_directory(str(yaml.safe_load(config_file.read_text())["model"]["path"]))
+    try:
+        return resolve_model_source(model_path)
+    except ModelSourceError as exc:
+        raise FileNotFoundError(f"{run_dir}: the initial model is missing (no init_model/config.json): {exc}"
+                                ) from None

@@ -10,7 +10,7 @@
   ``[tokens, hidden]`` tensor per layer that checkpointing keeps — to pinned host memory on a side stream, and
   back for the backward. It acts only on tensors on an accelerator: on CPU it runs and offloads nothing.
 * Sequence-tiled logits + loss (``TiledFusedLogitsLoss``/``SequenceTiledCompute``) are not used: the fused loss
-  already never holds more than a chunk of logits (DESIGN §5) and finishes the gradient in its forward.
+  already never holds more than a chunk of logits (docs/DESIGN.md §5) and finishes the gradient in its forward.
 * Ulysses sequence parallelism (``actor.ulysses_sequence_parallel_size``) has its own module,
   :mod:`cipo.trainer.sequence_parallel`.
 """
@@ -82,17 +82,6 @@ def apply_tiled_mlp(model: nn.Module, shards: int = 0) -> int:
     if found == 0:
         raise ValueError("actor.tiled_mlp: the model has no gated MLP (gate_proj/up_proj/down_proj/act_fn) to tile")
     return patched
-
-
-def remove_tiled_mlp(model: nn.Module) -> int:
-    """Undo :func:`apply_tiled_mlp` (the class's forward again); returns how many MLPs were restored."""
-    restored = 0
-    for module in model.modules():
-        if getattr(module, "_cipo_tiled", False):
-            del module.forward
-            del module._cipo_tiled
-            restored += 1
-    return restored
 
 
 class CheckpointOffload:

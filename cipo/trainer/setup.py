@@ -1,5 +1,6 @@
 """What a run is built from, once, before the first step: the data, the policy and its tokenizer (an HF model
-directory, or the tiny model built and warm-started in code), the frozen reference model and the rollout engine.
+directory, or the tiny model built and warm-started in code) and the frozen reference model. The rollout engine,
+the prompt codec and sampling come from :mod:`cipo.rollout.session`.
 
 :class:`cipo.trainer.trainer.CIPOTrainer` calls these in its constructor and then only orchestrates. Every
 function takes the run's :class:`TrainConfig` and what it needs of the trainer's state explicitly.
@@ -8,18 +9,16 @@ function takes the run's :class:`TrainConfig` and what it needs of the trainer's
 from __future__ import annotations
 
 import copy
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
 from ..algorithm import CIPOConfig
 from ..config import PolicyLossConfig
-from ..rollout import SamplingConfig, make_engine, vllm_available
+from ..rollout.session import PromptCodec, engine_from_config, sampling_from_config
 from .backend import PolicyModule, deepspeed_config
 from .config import TrainConfig
-from .config_io import ConfigError
 from .distributed import DistContext
 from .forward import lm_head_weight
 
@@ -48,41 +47,6 @@ def load_data(config: TrainConfig) -> tuple[list[dict], list[dict]]:
     train = [row for path in data.train_files for row in load_dataset(path)]
     val = [row for path in data.val_files for row in load_dataset(path)]
     return train, val
-
-
-def encoder(tokenizer) -> Callable[[str], list[int]]:
-    """Text → token ids, without special tokens."""
-    return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def decoder(tokenizer) -> Callable[[Sequence[int]], str]:
-    """Token ids → text, without special tokens."""
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def sampling_config(config: TrainConfig, seed: int, n_tokens: Optional[int] = None) -> SamplingConfig:
-    """The rollout sampling parameters (``rollout.*``) with ``seed`` (and ``n_tokens`` new tokens at most)."""
-    r = config.rollout
-    return SamplingConfig(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                          max_tokens=n_tokens or r.max_response_length, seed=seed)
-
-
-def make_rollout_engine(config: TrainConfig, device: torch.device, model_dir: Path, kind: Optional[str] = None):
-    """The rollout engine (``rollout.engine``, or ``kind``: vLLM when ``auto`` finds it, else HF) on ``model_dir``."""
-    kind = kind or config.rollout.engine
-    if kind == "auto":
-        kind = "vllm" if vllm_available() else "hf"
-    if kind == "vllm":
-        # The longest sequence a run samples (prompts are cut to max_prompt_length): sizing vLLM for it rather than
-        # the model's own limit (8192 for SmolLM2) keeps the minimum KV cache small enough for its CPU budget.
-        kwargs = {"seed": config.trainer.seed, "dtype": config.model.dtype,
-                  "max_model_len": config.data.max_prompt_length + config.rollout.max_response_length}
-        if device.type == "cuda":
-            kwargs["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization
-            kwargs["sleep_mode"] = config.rollout.free_cache_engine
-    else:
-        kwargs = {"device": device, "dtype": getattr(torch, config.model.dtype)}
-    return make_engine(kind, model_dir, **kwargs)
 
 
 def zero3(config: TrainConfig) -> bool:
@@ -162,16 +126,18 @@ def build_tiny(config: TrainConfig, alg: CIPOConfig, init_dir: Path, train_rows:
         # The stopper samples from the saved random init, then from pushed weights; its engine is closed
         # before the trainer's own engine starts on the warm weights.
         # Only rank 0 warm-starts: a vLLM engine would join the other ranks' process group, so use HF there.
-        engine = make_rollout_engine(config, device, init_dir, kind="hf" if dist.distributed else None)
+        engine = engine_from_config(config, init_dir, device, kind="hf" if dist.distributed else None)
         template = alg.template
+        codec = PromptCodec(tokenizer)
 
         def correction_messages(prompt, attempt):
-            return template.build(prompt, attempt, encode=encoder(tokenizer), decode=decoder(tokenizer)).messages
+            return template.build(prompt, attempt, encode=codec.encode, decode=codec.decode).messages
 
         # Stop on prompts the warm start does not train on; the eval set stays unseen until evaluation.
         sft_rows, check_rows = train_rows[:-ws.check_prompts], train_rows[-ws.check_prompts:]
         stopper = AccuracyStopper(model, engine, tokenizer, check_rows, target=ws.target_accuracy,
-                                  every=ws.check_every, sampling=sampling_config(config, config.trainer.seed))
+                                  every=ws.check_every,
+                                  sampling=sampling_from_config(config, config.trainer.seed))
         try:
             result = warm_start(model, tokenizer, sft_rows, steps=ws.max_steps, lr=ws.lr,
                                 seed=config.trainer.seed, batch_size=ws.batch_size,
@@ -207,79 +173,3 @@ def reference_model(config: TrainConfig, loss_cfg: PolicyLossConfig, model: torc
     for p in ref.parameters():
         p.requires_grad_(False)
     return PolicyModule(ref)
-
-
-# ------------------------------------------------------------------------------------------- prompt truncation
-
-
-def generation_suffix(tokenizer) -> list[int]:
-    """The token ids the chat template appends to open the assistant turn (``add_generation_prompt``), e.g.
-    ``<|im_start|>assistant\\n``: what a right-truncated prompt must keep at its end."""
-    messages = [{"role": "user", "content": "x"}]
-    opened = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    closed = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
-    if not opened.startswith(closed):
-        return []
-    return list(tokenizer(opened[len(closed):], add_special_tokens=False)["input_ids"])
-
-
-class PromptTruncator:
-    """Cuts a rendered prompt's ids to ``data.max_prompt_length`` on the side ``data.truncation`` names and counts
-    the prompts it cut (``count``; the caller reports and resets it).
-
-    ``left`` keeps the end (the assistant opening survives, the beginning of the question goes); ``right`` keeps
-    the beginning and re-appends the assistant opening; ``drop`` removes over-long data rows before training
-    (:func:`screen_prompts`), so only prompts built during training (correction prompts) reach it: those are
-    cut on the left."""
-
-    def __init__(self, tokenizer, limit: int, side: str) -> None:
-        self.limit, self.side = limit, side
-        self.suffix = generation_suffix(tokenizer) if side == "right" else []
-        if len(self.suffix) >= limit:
-            raise ConfigError(f"data.max_prompt_length={limit} leaves no room for a prompt next to the chat "
-                              f"template's {len(self.suffix)}-token assistant opening")
-        self.count = 0
-
-    def __call__(self, ids: list[int]) -> list[int]:
-        if len(ids) <= self.limit:
-            return ids
-        self.count += 1
-        if self.side != "right":
-            return ids[-self.limit:]
-        k = len(self.suffix)
-        body = ids[:-k] if k and ids[-k:] == self.suffix else ids
-        return body[:self.limit - k] + self.suffix
-
-
-def screen_prompts(rows: list[dict], prompt_ids: Callable[[Any], list[int]], config: TrainConfig,
-                   split: str) -> tuple[list[dict], dict[str, Any]]:
-    """Measure every row's rendered prompt against ``data.max_prompt_length`` before training: refuse (ConfigError)
-    when the share over it exceeds ``data.max_truncated_fraction``; with ``data.truncation: drop`` remove those
-    rows. Returns the rows kept and a report ``{split, rows, over_limit, longest, limit, truncation}``.
-
-    ``prompt_ids``: a row's ``prompt`` → its full (uncut) token ids."""
-    data = config.data
-    lengths = [len(prompt_ids(row["prompt"])) for row in rows]
-    over = [i for i, n in enumerate(lengths) if n > data.max_prompt_length]
-    report = {"split": split, "rows": len(rows), "over_limit": len(over), "longest": max(lengths, default=0),
-              "limit": data.max_prompt_length, "truncation": data.truncation}
-    if not over:
-        return rows, report
-    share = len(over) / len(rows)
-    action = {"left": "lose their beginning", "right": "lose their end", "drop": "be dropped"}[data.truncation]
-    if share > data.max_truncated_fraction:
-        raise ConfigError(
-            f"{len(over)} of {len(rows)} {split} prompts ({share:.2%}) are longer than data.max_prompt_length="
-            f"{data.max_prompt_length} tokens (longest: {report['longest']}; first: {split} row {over[0]}); with "
-            f"data.truncation: {data.truncation} they would {action}. Raise data.max_prompt_length, or allow it with "
-            f"data.max_truncated_fraction >= {share:.4g} (now {data.max_truncated_fraction})")
-    if data.truncation == "drop":
-        dropped = set(over)
-        rows = [row for i, row in enumerate(rows) if i not in dropped]
-        if not rows:
-            raise ConfigError(f"data.truncation: drop removed every {split} prompt (all longer than "
-                              f"data.max_prompt_length={data.max_prompt_length})")
-    warnings.warn(f"{len(over)} of {report['rows']} {split} prompts ({share:.2%}) are longer than "
-                  f"data.max_prompt_length={data.max_prompt_length} tokens and will {action} "
-                  f"(data.truncation: {data.truncation})", stacklevel=2)
-    return rows, report

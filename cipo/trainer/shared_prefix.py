@@ -2,7 +2,7 @@
 
 A step holds groups of sequences with the same prompt: the ``rollout.n`` responses of a base prompt, and the
 ``correction_rollouts`` refinements of a correction prompt (the problem + a failed attempt, possibly thousands of
-tokens). The plain packed layout (DESIGN §3) repeats that prompt once per sequence. Here the *forward stream*
+tokens). The plain packed layout (docs/DESIGN.md §3) repeats that prompt once per sequence. Here the *forward stream*
 holds each distinct prompt once, followed by the responses of every sequence that has it::
 
     batch (packed):   [P1 r1a] [P1 r1b] [P1 r1c] [P2 r2a]
@@ -59,19 +59,6 @@ def _prompt_keys(batch: PackedBatch) -> list[bytes]:
     cu = batch.cu_seqlens.tolist()
     plens = batch.prompt_len.tolist()
     return [ids[cu[s]:cu[s] + plens[s]].tobytes() for s in range(batch.num_seqs)]
-
-
-def forward_tokens(batch: PackedBatch) -> int:
-    """Tokens of ``batch``'s shared-prefix forward stream: each distinct prompt once, plus every response."""
-    keys = _prompt_keys(batch)
-    plens = batch.prompt_len.tolist()
-    seen: set[bytes] = set()
-    total = int(batch.num_tokens) - int(batch.prompt_len.sum())  # the responses
-    for key, plen in zip(keys, plens):
-        if key not in seen:
-            seen.add(key)
-            total += plen
-    return total
 
 
 def shared_prefix_micro_batches(batch: PackedBatch, max_tokens: int) -> list[list[int]]:

@@ -1,7 +1,7 @@
 """The thin CIPO trainer: rollouts (vLLM or HF) → verification → correction stream → packed step on the fused
 loss → optimizer → weights back into the rollout engine.
 
-One step (DESIGN §2)::
+One step (docs/DESIGN.md §2)::
 
     prompts ─ engine.generate(n=G) ─ verify ─ pass-rate tracker
             ─ selector(ρ) + template ─ engine.generate(n=M) ─ verify ─ shaping ─ replay controller
@@ -13,8 +13,9 @@ The run directory holds ``metrics.jsonl`` (one line per step), ``curves.png``, `
 ``config.yaml``, the initial model (``init_model/``, what the engine loads), ``checkpoints/`` and the final
 policy as an HF model (``hf_model/``).
 
-The constructor builds the run from :mod:`cipo.trainer.setup` (data, policy, reference model, rollout engine) and
-:mod:`cipo.trainer.backend` (optimizer, packed forward + loss); :meth:`CIPOTrainer.train_step` reads top-down:
+The constructor builds the run from :mod:`cipo.trainer.setup` (data, policy, reference model),
+:mod:`cipo.rollout.session` (prompt codec, rollout engine, sampling and scoring) and :mod:`cipo.trainer.backend`
+(optimizer, packed forward + loss); :meth:`CIPOTrainer.train_step` reads top-down:
 base stream (sample, score) → :meth:`CIPOTrainer._correction_stream` → assemble → update → push weights → metrics.
 
 Under a launcher (``torchrun``/``deepspeed``, ``actor.strategy: deepspeed``) every rank runs this same loop:
@@ -27,9 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -37,24 +36,19 @@ import torch
 import yaml
 
 from ..algorithm import (
-    DifficultySelector,
-    PassRateTracker,
+    CorrectionStream,
     PromptResult,
-    ReplayController,
     Rollout,
     RolloutGroup,
     Trajectory,
-    TrajectoryPool,
     assemble_step,
-    build_correction_prompts,
-    correction_prompt_ids,
-    shape_correction_groups,
     step_advantages,
 )
 from ..config import PolicyLossConfig
 from ..packing import PackedBatch
+from ..rewards.router import RewardScorer
 from ..rollout import RolloutBatch
-from ..warmstart import chat_prompt_ids
+from ..rollout.session import PromptCodec, RolloutSession, engine_from_config, sampling_from_config, screen_prompts
 from .backend import export_hf, make_backend
 from .checkpoint import (
     CheckpointError,
@@ -69,21 +63,16 @@ from .distributed import init_distributed, launched_world_size
 from .mini_batch import MiniBatch, mini_batch_rows, partition_rows, stream_normalizers
 from .prompt_stream import PromptStream
 from .run_dir import check_resume_config, check_run_dir, move_aside
-from .scoring import RewardScorer
-from .setup import (
-    PromptTruncator,
-    all_synthetic,
-    decoder,
-    encoder,
-    load_data,
-    load_policy,
-    make_rollout_engine,
-    reference_model,
-    resolve_device,
-    sampling_config,
-    screen_prompts,
-)
+from .setup import all_synthetic, load_data, load_policy, reference_model, resolve_device
 from .shared_prefix import shared_prefix_micro_batches
+from .step_metrics import (
+    ADDITIVE_LOSS_METRICS,
+    UPDATE_METRICS,
+    StepMetrics,
+    mean_of,
+    mean_over_updates,
+    truncate_metrics_log,
+)
 
 EVAL_SEED_OFFSET = 7_777_777
 EVAL_SAMPLES_PER_PROMPT = 4
@@ -93,54 +82,6 @@ MAX_HELD_OUT_FAILURES = 64
 def step_seed(seed: int, step: int, phase: int) -> int:
     """Sampling seed of one generate call: distinct per (step, phase), identical after a resume."""
     return (seed * 1_000_003 + step * 101 + phase) % (2**31 - 1)
-
-
-# Loss metrics that are the step's aggregated terms: the loss normalises them over the whole step (global
-# per-stream counts), so micro-batches and ranks contribute parts that add up. The others are per-token means.
-ADDITIVE_LOSS_METRICS = frozenset({"pg_loss", "kl", "entropy", "loss/base", "loss/corr", "tokens/base",
-                                   "tokens/corr"})
-
-
-@dataclass
-class StepMetrics:
-    """One step's floats. Loss metrics of micro-batches accumulate by :meth:`add_loss_metrics`."""
-
-    values: dict[str, float] = field(default_factory=dict)
-    _weights: dict[str, Optional[float]] = field(default_factory=dict)  # None: an additive metric
-
-    def set(self, **kwargs: float) -> None:
-        self.values.update({k: float(v) for k, v in kwargs.items()})
-
-    def update(self, prefix: str, metrics: dict[str, float]) -> None:
-        self.values.update({f"{prefix}{k}": float(v) for k, v in metrics.items()})
-
-    def add_loss_metrics(self, metrics: dict[str, float], weight: float, prefix: str = "actor/") -> None:
-        """Add one micro-batch's loss metrics: the step's terms are summed, per-token means are averaged with
-        ``weight`` (the micro-batch's loss tokens)."""
-        for key, value in metrics.items():
-            self._add(prefix + key, float(value), None if key in ADDITIVE_LOSS_METRICS else weight)
-
-    def _add(self, name: str, value: float, weight: Optional[float]) -> None:
-        previous = self.values.get(name, 0.0)
-        if weight is None:
-            self.values[name] = previous + value
-            self._weights[name] = None
-            return
-        total = (self._weights.get(name) or 0.0) + weight
-        self.values[name] = previous + (value - previous) * (weight / total if total else 0.0)
-        self._weights[name] = total
-
-    def loss_part(self) -> dict[str, tuple[float, Optional[float]]]:
-        """The accumulated loss metrics with their weights, ``{name: (value, weight)}``: what ranks exchange."""
-        return {name: (self.values[name], weight) for name, weight in self._weights.items()}
-
-    def merge_loss_parts(self, parts: list[dict[str, tuple[float, Optional[float]]]]) -> None:
-        """Set the loss metrics to those over every rank's part (each rank passes the same list, in rank order)."""
-        merged = StepMetrics()
-        for part in parts:
-            for name, (value, weight) in part.items():
-                merged._add(name, value, weight)
-        self.values.update(merged.values)
 
 
 class NonFiniteError(RuntimeError):
@@ -197,22 +138,18 @@ class CIPOTrainer:
         check_model_positions(config, getattr(self.model.config, "max_position_embeddings", None))
         # Over-long prompts: counted, refused above data.max_truncated_fraction, dropped with truncation: drop —
         # all before the prompt stream exists, so its indices (and a resume) see the same rows every time.
-        def full_ids(prompt) -> list[int]:
-            return chat_prompt_ids(self.tokenizer, prompt)
-
-        self.train_rows, train_report = screen_prompts(self.train_rows, full_ids, config, "training")
-        self.val_rows, val_report = screen_prompts(self.val_rows, full_ids, config, "held-out")
+        self.codec = PromptCodec.from_config(self.tokenizer, config)
+        self.train_rows, train_report = screen_prompts(self.train_rows, self.codec.full_ids, config, "training")
+        self.val_rows, val_report = screen_prompts(self.val_rows, self.codec.full_ids, config, "held-out")
         self.prompt_report = {"train": train_report, "val": val_report}
-        self.truncate = PromptTruncator(self.tokenizer, config.data.max_prompt_length, config.data.truncation)
+        self.truncate = self.codec.truncate  # its count: the prompts cut so far (per-step and summary metrics)
         self.ref_model = reference_model(config, self.loss_cfg, self.model, self.init_dir, self.device)
         self.backend = make_backend(self.model, config, self.dist)
         self.stream = PromptStream(self.train_rows, seed=config.trainer.seed, shuffle=config.data.shuffle)
-        self.tracker = PassRateTracker(ema_decay=self.alg.pass_rate_ema_decay)
-        self.controller = ReplayController.from_config(self.alg)
-        self.pool = TrajectoryPool.from_config(self.alg)
-        self.selector = DifficultySelector.from_config(self.alg)
+        self.corrections = CorrectionStream(self.alg, encode=self._encode, decode=self._decode)
         self.scorer = RewardScorer(workers=0 if all_synthetic(config) else 2)
-        self.engine = make_rollout_engine(config, self.device, self.init_dir)
+        self.engine = engine_from_config(config, self.init_dir, self.device)
+        self.session = RolloutSession(self.engine, self.scorer, self.codec, dist=self.dist)
         if checkpoint is not None:
             self._restore(checkpoint)
             self.engine.update_weights(self.backend.full_named_weights())
@@ -224,37 +161,24 @@ class CIPOTrainer:
 
     def _prompt_ids(self, messages) -> list[int]:
         """The rendered prompt, cut to ``data.max_prompt_length`` as ``data.truncation`` says (and counted)."""
-        return self.truncate(chat_prompt_ids(self.tokenizer, messages))
+        return self.codec.prompt_ids(messages)
 
     def _sample(self, prompts: list[list[int]], rows: list[dict], n: int,
                 seed: int) -> tuple[RolloutBatch, list[float]]:
-        """``n`` scored completions per prompt, for the whole list, on every rank.
+        """``n`` scored completions per prompt at the rollout sampling parameters, for the whole list, on every
+        rank (each samples its shard; :func:`cipo.rollout.session.sample_and_score`)."""
+        return self.session.sample(prompts, rows, n, sampling_from_config(self.cfg, seed))
 
-        Each rank samples and scores its contiguous shard ``[start, end)``; both engines seed prompt ``i`` of a
-        call with ``seed + i``, so the shard is called with ``seed + start`` and the gathered result equals one
-        process sampling everything with ``seed``."""
-        start, end = self.dist.shard(len(prompts))
-        local: tuple[list, ...] = ([], [], [], [], [])
-        if end > start:
-            out = self.engine.generate(prompts[start:end], n=n, sampling=sampling_config(self.cfg, seed + start))
-            scores = self.scorer.score([rows[start + k // n] for k in range(len(out))], out.texts)
-            if not self.dist.distributed:
-                return out, scores
-            local = (out.token_ids, out.texts, out.logprobs, out.finish_reasons, scores)
-        parts = self.dist.all_gather_object(local)
-        token_ids, texts, logprobs, finish, scores = ([x for part in parts for x in part[i]] for i in range(5))
-        return RolloutBatch(prompts, n, token_ids, texts, logprobs, finish, sampling_config(self.cfg, seed)), scores
-
-    def _groups(self, prompt_ids: list[list[int]], out: RolloutBatch, scores: list[float], *, prompt_keys: list[Any],
-                conditioning: Optional[list[bool]] = None) -> list[RolloutGroup]:
-        """One RolloutGroup per prompt of a sampled, scored batch."""
+    def _groups(self, prompt_ids: list[list[int]], out: RolloutBatch, scores: list[float], *,
+                prompt_keys: list[Any]) -> list[RolloutGroup]:
+        """One RolloutGroup per prompt of a sampled, scored batch (a correction group's conditioning is set by
+        :meth:`CorrectionStream.absorb`)."""
         groups = []
         for i, prompt in enumerate(prompt_ids):
             sl = out.group(i)
             rollouts = [Rollout(response_ids=ids, reward=score, correct=score >= 1.0, rollout_logp=lp)
                         for ids, score, lp in zip(out.token_ids[sl], scores[sl], out.logprobs[sl])]
-            groups.append(RolloutGroup(prompt_ids=prompt, rollouts=rollouts, prompt_id=prompt_keys[i],
-                                       conditioning_correct=None if conditioning is None else conditioning[i]))
+            groups.append(RolloutGroup(prompt_ids=prompt, rollouts=rollouts, prompt_id=prompt_keys[i]))
         return groups
 
     # ------------------------------------------------------------------------------------------- the step
@@ -266,7 +190,7 @@ class CIPOTrainer:
         base_groups, results = self._base_stream(self.step, m)
         t_base = time.perf_counter()
         corr_groups, regression = self._correction_stream(results, self.step, m)
-        m.set(**{"replay/rho": self.controller.rho})
+        m.set(**{"replay/rho": self.corrections.rho})
         t_corr = time.perf_counter()
 
         batch = assemble_step(base_groups, corr_groups, self.alg, device=self.device)
@@ -287,8 +211,8 @@ class CIPOTrainer:
         return m.values
 
     def _base_stream(self, step: int, m: StepMetrics) -> tuple[list[RolloutGroup], list[PromptResult]]:
-        """The next prompts, ``rollouts_per_prompt`` scored samples each; updates the pass-rate tracker. Returns
-        the base groups and, per prompt, its attempts (what the correction stream picks from)."""
+        """The next prompts, ``rollouts_per_prompt`` scored samples each. Returns the base groups and, per prompt,
+        its attempts (what the correction stream records and picks from)."""
         picked = self.stream.next_batch(self.alg.train_batch_size)
         rows = [row for _, row in picked]
         keys = [index for index, _ in picked]
@@ -302,46 +226,33 @@ class CIPOTrainer:
                                 trajectories=[Trajectory(correct=r.correct, text=text) for r, text in
                                               zip(group.rollouts, base_out.texts[base_out.group(i)])])
                    for i, (key, row, group) in enumerate(zip(keys, rows, base_groups))]
-        self.tracker.update({r.prompt_id: [t.correct for t in r.trajectories] for r in results}, step)
-        m.set(**{"base/reward": _mean(base_scores), "base/accuracy": _mean([s >= 1.0 for s in base_scores]),
-                 "base/response_length": _mean([len(t) for t in base_out.token_ids])})
+        m.set(**{"base/reward": mean_of(base_scores), "base/accuracy": mean_of([s >= 1.0 for s in base_scores]),
+                 "base/response_length": mean_of([len(t) for t in base_out.token_ids])})
         return base_groups, results
 
     def _correction_stream(self, results: list[PromptResult], step: int,
                            m: StepMetrics) -> tuple[list[RolloutGroup], Optional[list[bool]]]:
-        """The correction stream of a step (DESIGN §2): pick attempts from this step's results and the replay pool
-        (selector, ρ), build the correction prompts, sample ``correction_rollouts`` each and score them, shape
-        their rewards and update the replay controller. Returns the shaped correction groups and their regression
-        flags for the advantages (``[]`` and None when the stream is off or picks nothing)."""
-        alg = self.alg
-        if not alg.correction_active:
+        """The correction stream of a step (docs/DESIGN.md §2): :class:`CorrectionStream` records the base results
+        and proposes correction prompts (selector, ρ, template); they are sampled ``correction_rollouts`` times each
+        and scored here, and the stream absorbs the groups (shaping, replay controller). Returns the shaped
+        correction groups and their regression flags for the advantages (``[]`` and None when the stream is off
+        or picks nothing)."""
+        proposal = self.corrections.propose(results, step)  # also records the pass rates when the stream is off
+        m.update("", proposal.metrics)
+        if not proposal.picks:
             return [], None
-        candidates = self.pool.candidates(results, step)
-        selection = self.selector.select(candidates, alg.correction_batch_size, self.controller.rho, step,
-                                         pass_rates=self.tracker.pass_rates(alg.pass_rate_source))
-        m.update("", selection.metrics())
-        if not selection.picks:
-            return [], None
-        corr_prompts = build_correction_prompts(selection, candidates, alg.template,
-                                                encode=self._encode, decode=self._decode)
         cut_before = self.truncate.count
-        corr_ids = [self._prompt_ids(p.messages) for p in corr_prompts]
+        corr_ids = [self._prompt_ids(p.messages) for p in proposal.prompts]
         m.set(**{"corr/truncated_prompts": self.truncate.count - cut_before})
-        corr_rows = [self.train_rows[p.prompt_id] for p in selection.picks]  # prompt ids index the set
-        corr_out, corr_scores = self._sample(corr_ids, corr_rows, alg.correction_rollouts,
+        corr_rows = [self.train_rows[p.prompt_id] for p in proposal.picks]  # prompt ids index the set
+        corr_out, corr_scores = self._sample(corr_ids, corr_rows, self.alg.correction_rollouts,
                                              step_seed(self.cfg.trainer.seed, step, 1))
-        corr_groups = self._groups(corr_ids, corr_out, corr_scores,
-                                   prompt_keys=[p.prompt_id for p in selection.picks],
-                                   conditioning=[p.was_correct for p in selection.picks])
-        corr_groups, shaping = shape_correction_groups(corr_groups, alg)
-        decision = self.controller.update(shaping.counts["correct_to_correct"],
-                                          shaping.counts["correct_to_correct"]
-                                          + shaping.counts["correct_to_incorrect"])
-        m.update("", shaping.metrics())
-        m.update("", decision.metrics())
-        m.set(**{"corr/success": _mean([s >= 1.0 for s in corr_scores]),
-                 "corr/prompt_length": _mean([len(p) for p in corr_ids])})
-        return corr_groups, shaping.regression
+        corr_groups = self._groups(corr_ids, corr_out, corr_scores, prompt_keys=[p.prompt_id for p in proposal.picks])
+        outcome = self.corrections.absorb(proposal, corr_groups)
+        m.update("", outcome.metrics())
+        m.set(**{"corr/success": mean_of([s >= 1.0 for s in corr_scores]),
+                 "corr/prompt_length": mean_of([len(p) for p in corr_ids])})
+        return outcome.groups, outcome.regression
 
     def _update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: StepMetrics) -> None:
         """``ppo_epochs`` passes over the step's mini-batches (:func:`mini_batch_rows`; one mini-batch, the whole
@@ -370,7 +281,7 @@ class CIPOTrainer:
             if self.ref_model is not None:
                 plan.local.ref_logp = self._logp(self.ref_model, plan.local, plan.micro)
         per_update = [self._optimizer_step(plan) for _ in range(actor.ppo_epochs) for plan in plans]
-        m.set(**_mean_over_updates(per_update))
+        m.set(**mean_over_updates(per_update))
         # a count, not a mean: how many of the step's updates were skipped
         m.set(**{"actor/skipped_nonfinite": sum(u["actor/skipped_nonfinite"] for u in per_update)})
         if len(per_update) > 1:
@@ -492,32 +403,34 @@ class CIPOTrainer:
     # ------------------------------------------------------------------------------------------- evaluation
 
     def _encode(self, text: str) -> list[int]:
-        return encoder(self.tokenizer)(text)
+        return self.codec.encode(text)
 
     def _decode(self, ids: list[int]) -> str:
-        return decoder(self.tokenizer)(ids)
+        return self.codec.decode(ids)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out accuracy (``EVAL_SAMPLES_PER_PROMPT`` samples per prompt at the rollout temperature) and
         correction success (as many samples per failure) on a fixed set of held-out failures, collected by the
-        first evaluation — the same failures before and after training, so the two numbers compare."""
+        first evaluation — the same failures before and after training, so the two numbers compare.
+
+        Sampled through the rollout session's rows and correction-prompt paths, the ones ``cipo eval``
+        (:func:`cipo.evaluation.evaluate_run`) takes."""
         rows = self.val_rows[: self.cfg.trainer.eval_prompts]
         if not rows:
             return {}
         seed = step_seed(self.cfg.trainer.seed + EVAL_SEED_OFFSET, 0, 0)
-        prompt_ids = [self._prompt_ids(row["prompt"]) for row in rows]
-        out, scores = self._sample(prompt_ids, rows, EVAL_SAMPLES_PER_PROMPT, seed)
-        result = {"eval/accuracy": _mean([s >= 1.0 for s in scores])}
+        out, scores = self.session.sample_rows(rows, EVAL_SAMPLES_PER_PROMPT, sampling_from_config(self.cfg, seed))
+        result = {"eval/accuracy": mean_of([s >= 1.0 for s in scores])}
         if "held_out_failures" not in self.history:
             failures = [(k // out.n, out.texts[k]) for k, s in enumerate(scores) if s < 1.0]
             self.history["held_out_failures"] = failures[:MAX_HELD_OUT_FAILURES]
         failures = self.history["held_out_failures"]
         if failures:
-            corr_ids = correction_prompt_ids(self.alg.template, rows, failures, self._prompt_ids,
-                                             encode=self._encode, decode=self._decode)
-            _, corr_scores = self._sample(corr_ids, [rows[i] for i, _ in failures], EVAL_SAMPLES_PER_PROMPT,
-                                          seed + 1)
-            result["eval/correction_success"] = _mean([s >= 1.0 for s in corr_scores])
+            _, corr_scores = self.session.sample_corrections(self.alg.template, rows, failures,
+                                                             EVAL_SAMPLES_PER_PROMPT,
+                                                             sampling_from_config(self.cfg, seed + 1),
+                                                             correct=[False] * len(failures))
+            result["eval/correction_success"] = mean_of([s >= 1.0 for s in corr_scores])
         return result
 
     # ------------------------------------------------------------------------------------------- the loop
@@ -530,7 +443,7 @@ class CIPOTrainer:
         main = self.dist.is_main
         metrics_path = self.run_dir / "metrics.jsonl"
         if main:
-            _truncate_metrics(metrics_path, self.step)
+            truncate_metrics_log(metrics_path, self.step)
         started = time.perf_counter()
         if "eval_before" not in self.history:
             self.history["eval_before"] = self.evaluate()
@@ -590,9 +503,7 @@ class CIPOTrainer:
         client_state = {
             "step": self.step,
             "stream": self.stream.state_dict(),
-            "tracker": self.tracker.state_dict(),
-            "controller": self.controller.state_dict(),
-            "pool": self.pool.state_dict(),
+            **self.corrections.state_dict(),  # "tracker", "controller", "pool"
             "history": self.history,
             "config": config_to_dict(self.cfg),
         }
@@ -617,9 +528,7 @@ class CIPOTrainer:
                                   f"match the one the run was started with? {recovery_hint(path.parent, path)}"
                                   ) from exc
         self.stream.load_state_dict(state["stream"])
-        self.tracker.load_state_dict(state["tracker"])
-        self.controller.load_state_dict(state["controller"])
-        self.pool.load_state_dict(state["pool"])
+        self.corrections.load_state_dict(state)
         self.history = state["history"]
         self.step = int(state["step"])
 
@@ -629,54 +538,3 @@ class CIPOTrainer:
         if self.dist.distributed and torch.distributed.is_initialized():
             self.dist.barrier()
             torch.distributed.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------- helpers
-
-
-# Metrics an update sets besides the loss's own: never copied to ``actor/last/``.
-UPDATE_METRICS = frozenset({"loss", "grad_norm", "padding_micro_batches"})
-
-
-def _mean_over_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
-    """Each metric's mean over the updates that report it (one update: its values, unchanged)."""
-    names = list(dict.fromkeys(name for values in per_update for name in values))
-    out = {}
-    for name in names:
-        values = [u[name] for u in per_update if name in u]
-        out[name] = sum(values[1:], values[0]) / len(values)
-    return out
-
-
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else math.nan
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metric lines of steps ≤ ``step`` (a resumed run rewrites what came after its checkpoint).
-
-    A line that does not parse (a kill tore the last write, or the file was edited) is dropped with a warning;
-    when any is, the file as it was is kept first as ``metrics.jsonl.bak``, so nothing written is lost."""
-    if not path.exists():
-        return
-    text = path.read_text(encoding="utf-8", errors="replace")
-    kept, bad = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            line_step = record.get("step", 0) if isinstance(record, dict) else None
-        except json.JSONDecodeError:
-            line_step = None
-        if not isinstance(line_step, (int, float)):
-            bad.append(number)
-        elif line_step <= step:
-            kept.append(line)
-    if bad:
-        backup = path.with_name(path.name + ".bak")
-        atomic_write_text(backup, text)
-        print(f"cipo: warning: {path}: dropped {len(bad)} unreadable line(s) (line {', '.join(map(str, bad[:5]))}"
-              f"{', ...' if len(bad) > 5 else ''}); the file as it was is kept in {backup}", file=sys.stderr)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -26,10 +26,15 @@ from cipo.algorithm import (
     build_correction_prompts,
     shape_correction_groups,
     step_advantages,
-    step_loss,
 )
 
 from .helpers import char_decode, char_encode, make_result
+
+
+def step_loss(logp, batch, loss_config, config):
+    """An assembled step's loss as the trainers compute it: ``L_base + λ·L_corr`` on :func:`step_advantages`."""
+    return cipo_policy_loss(logp, batch, loss_config, lambda_corr=config.lambda_corr,
+                            advantages=step_advantages(batch, config))
 
 
 def make_groups(rng: random.Random, num_groups: int, group_size: int, *, logp: bool = True,
@@ -193,3 +198,19 @@ def test_build_correction_prompts_follows_the_picks():
     for pick, prompt in zip(selection.picks, prompts):
         traj = results[pick.result_index].trajectories[pick.trajectory_index]
         assert traj.text in prompt.text and results[pick.result_index].prompt in prompt.text
+
+
+def test_a_verdict_template_states_each_picks_true_verdict():
+    # ρ = 0.5 replays successes too: each conditioning attempt gets the sentence of its own verification.
+    results = [make_result(i, 4) for i in range(4)]
+    selection = DifficultySelector().select(results, 6, 0.5, 0)
+    template = CorrectionTemplate(max_attempt_tokens=64, user_format="{problem}\n{attempt}\n{verdict}",
+                                  verdict_correct="VERDICT-RIGHT", verdict_incorrect="VERDICT-WRONG",
+                                  allow_verdict_words=True)
+    prompts = build_correction_prompts(selection, results, template, encode=char_encode, decode=char_decode)
+    kinds = set()
+    for pick, prompt in zip(selection.picks, prompts):
+        correct = results[pick.result_index].trajectories[pick.trajectory_index].correct
+        kinds.add(correct)
+        assert ("VERDICT-RIGHT" in prompt.text) == correct and ("VERDICT-WRONG" in prompt.text) != correct
+    assert kinds == {True, False}, "the selection must hold both kinds for this test to mean anything"

@@ -86,8 +86,14 @@ def test_braces_in_problem_and_attempt_are_literal():
 
 
 def test_build_has_no_ground_truth_input():
+    # The template never sees the ground truth; ``correct`` (the verifier's verdict) is read only by a template that
+    # states the verdict (an ablation, which must also lift the verdict-word check), and a neutral template's prompt
+    # does not depend on it.
     params = set(inspect.signature(CorrectionTemplate.build).parameters)
-    assert params == {"self", "prompt", "attempt", "encode", "decode"}
+    assert params == {"self", "prompt", "attempt", "encode", "decode", "correct"}
+    neutral = CorrectionTemplate(max_attempt_tokens=None)
+    built = [neutral.build("What is 2 + 2?", "5", correct=c).messages for c in (None, True, False)]
+    assert built[0] == built[1] == built[2]
 
 
 def test_budget_requires_tokenizer():

@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suites (issue 8): they run end to end and write their reports. No timing assertions.
+"""Smoke test of the benchmark suites: they run end to end and write their reports. No timing assertions.
 
 * the CPU suite in ``--quick`` mode, minus the slowest baselines (``torch.compile``, Liger, CCE: each is a C++
   compile or a long chunked loop on CPU; the full quick suite runs them) and with a small verifier batch;

@@ -1,4 +1,4 @@
-"""The study (issue 16) end to end in ``--quick`` mode — warm start, GRPO and CIPO arms, ``cipo eval`` of each,
+"""The study end to end in ``--quick`` mode — warm start, GRPO and CIPO arms, ``cipo eval`` of each,
 the report — plus its statistics: the t-based 95 % CI and the paired differences to GRPO."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""An independent, deliberately plain implementation of DESIGN §4 with Python floats and loops.
+"""An independent, deliberately plain implementation of docs/DESIGN.md §4 with Python floats and loops.
 
 It shares no code with cipo: the tests check the library against it, so a formula wrong in both places would
 need the same mistake written twice, in two styles.

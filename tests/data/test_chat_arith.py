@@ -14,11 +14,9 @@ from cipo.data.chat_arith import (
     INSTRUCTIONS,
     ChatArithDifficulty,
     ChatArithError,
-    correction_prompt,
     evaluate,
     make_dataset,
     make_splits,
-    problem_keys,
     score,
 )
 from cipo.data.dataset import validate_row
@@ -107,6 +105,11 @@ def test_evaluate_precedence_and_order():
 def test_deterministic_in_seed(difficulty):
     assert make_splits(50, 20, seed=1, difficulty=difficulty) == make_splits(50, 20, seed=1, difficulty=difficulty)
     assert make_splits(50, 20, seed=1, difficulty=difficulty) != make_splits(50, 20, seed=2, difficulty=difficulty)
+
+
+def problem_keys(rows: list[dict]) -> set[str]:
+    """The problem keys (``extra_info.key``) of chat-arith rows."""
+    return {r["extra_info"]["key"] for r in rows}
 
 
 @pytest.mark.parametrize("difficulty", DIFFICULTIES, ids=str)
@@ -223,14 +226,6 @@ def test_kinds_accepts_a_single_string_and_lists():
 ])
 def test_lenient_final_answer_rule(response, gt, expected):
     assert score(response, gt) == expected
-
-
-def test_correction_prompt_layout():
-    row = make_dataset(1, 0)[0]
-    msgs = correction_prompt(row, "  5 + 2 = 8. Answer: 8\n")
-    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
-    assert msgs[0] == row["prompt"][0] and msgs[1]["content"] == "5 + 2 = 8. Answer: 8"
-    assert msgs[2]["content"] == "Solve the problem again."
 
 
 # ------------------------------------------------------------------------------------------ task selection

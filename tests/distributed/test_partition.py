@@ -10,7 +10,7 @@ import pytest
 from cipo.trainer.backend import deepspeed_config
 from cipo.trainer.config import load_config
 from cipo.trainer.distributed import DistContext, balanced_partition, shard_bounds
-from cipo.trainer.trainer import StepMetrics
+from cipo.trainer.step_metrics import StepMetrics
 
 
 @pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (5, 2), (7, 3), (16, 4), (3, 5)])

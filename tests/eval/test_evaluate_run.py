@@ -187,16 +187,17 @@ def test_cli_missing_run_dir(tmp_path: Path, capsys) -> None:
 
 
 def test_trainer_builds_the_same_correction_prompts() -> None:
-    """The trainer's evaluation and ``cipo eval`` share ``correction_prompt_ids``: it renders exactly
-    ``template.build(prompt, attempt).messages`` through the given prompt renderer."""
-    from cipo.algorithm import CorrectionTemplate
+    """The trainer's evaluation and ``cipo eval`` share ``correction_prompt_ids`` (through
+    ``RolloutSession.sample_corrections``): it renders exactly ``template.build(prompt, attempt).messages`` through
+    the given prompt renderer."""
+    from cipo.algorithm import CorrectionTemplate, correction_prompt_ids
 
     template = CorrectionTemplate(user_format="{problem}\nPrevious attempt: {attempt}\nSolve the problem again.",
                                   max_attempt_tokens=None)
     rows = synthetic.make_dataset(2, seed=0)
     seen = []
-    ids = evaluation.correction_prompt_ids(template, rows, [(1, "7+5=12 \\boxed{12}")],
-                                           lambda messages: seen.append(messages) or [1, 2],
-                                           encode=lambda t: list(t.encode()), decode=lambda i: bytes(i).decode())
+    ids = correction_prompt_ids(template, rows, [(1, "7+5=12 \\boxed{12}")],
+                                lambda messages: seen.append(messages) or [1, 2],
+                                encode=lambda t: list(t.encode()), decode=lambda i: bytes(i).decode())
     assert ids == [[1, 2]]
     assert seen == [template.build(rows[1]["prompt"], "7+5=12 \\boxed{12}").messages]

@@ -4,9 +4,10 @@ against a float64 reference.
 Run: ``python -m pytest tests/kernels/test_fused_linear_policy_loss.py`` (the conftests set ``TRITON_INTERPRET=1``
 when there is no GPU; the Triton cases set ``CIPO_FORCE_TRITON=1`` through ``monkeypatch``).
 
-Reference: full logits in float64 on the same (for half inputs: the half-rounded) values → ``log_softmax`` →
-gather → ``cipo_policy_loss(..., entropy=...)`` in float64 (torch path) → autograd w.r.t. ``hidden`` and
-``weight``. On-policy (``old_logp`` None) the reference uses its own float64 ``logp`` detached.
+Reference: ``cipo.fused_loss_ref.materialized_policy_loss`` in float64 on the same (for half inputs: the
+half-rounded) values — full logits → ``log_softmax`` → gather → ``cipo_policy_loss(..., entropy=...)`` (torch path)
+→ autograd w.r.t. ``hidden`` and ``weight``. On-policy (``old_logp`` None) it uses its own float64 ``logp``
+detached.
 
 Inputs put ratios only at fixed distances from every clip boundary (ratio ∈ {0.5, 0.7, 0.9, 1.1, 1.5, 4}·e^{±0.01},
 clip range [0.8, 1.28], dual clip 3): fp32 and float64 then take the same branch everywhere, so decisions
@@ -53,12 +54,13 @@ from cipo.kernels import fused_linear_policy_loss as flpl
 from cipo.kernels._chunking import chunk_bounds, plan_chunks
 from cipo.kernels.linear_logprob import linear_logprob
 from cipo.kernels.linear_logprob_ref import linear_logprob_reference
-from cipo.kernels.policy_loss_ref import aggregate, token_terms
+from cipo.kernels.policy_loss_torch import aggregate, token_terms
 
+from bench.profiling import cpu_peak_alloc_bytes
 from cipo import PackedBatch, PolicyLossConfig, SequenceSample, cipo_policy_loss, fused_linear_policy_loss
-from cipo.fused_loss import _flat_inputs
+from cipo.fused_loss import fused_loss_inputs
+from cipo.fused_loss_ref import materialized_policy_loss
 from cipo.loss import flatten_inputs
-from cipo.profiling import cpu_peak_alloc_bytes
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available() else "cuda"
 TOL_SUM = 1e-5
@@ -91,10 +93,10 @@ def _interpreter_active():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _token_rows(batch: PackedBatch, config: PolicyLossConfig) -> "_fused_epilogue.TokenRows":
+def token_rows(batch: PackedBatch, config: PolicyLossConfig) -> "_fused_epilogue.TokenRows":
     """The fused loss's per-row inputs of ``batch`` (fp32, CPU, all rows), as the public entry prepares them."""
-    inputs = _flat_inputs(batch, config, 1.0, None, "grpo", None, None, torch.float32, torch.device("cpu"))
-    return flpl._token_rows(**inputs, dtype=torch.float32)
+    inputs = fused_loss_inputs(batch, config, 1.0, None, "grpo", None, None, torch.float32, torch.device("cpu"))
+    return flpl.token_rows(**inputs, dtype=torch.float32)
 
 
 @dataclass
@@ -150,15 +152,15 @@ class Result:
 def reference(case: Case, config: PolicyLossConfig, **kwargs) -> Result:
     h = case.hidden.double().requires_grad_(True)
     w = case.weight.double().requires_grad_(True)
-    logp, ent = _logp_entropy(h, w, case.batch.targets, config.temperature)
+    ref = materialized_policy_loss(h, w, case.batch, config, with_entropy=True, **kwargs)
+    loss, metrics, logp, ent = ref.loss, ref.metrics, ref.logp, ref.entropy
     logp.retain_grad()
     ent.retain_grad()
+    loss.backward()
     batch = case.batch
-    if batch.old_logp is None:
+    if batch.old_logp is None:  # on-policy: M is measured against the old_logp the reference used
         batch = copy.copy(batch)
         batch.old_logp = logp.detach()
-    loss, metrics = cipo_policy_loss(logp, batch, config, entropy=ent, **kwargs)
-    loss.backward()
     gain = sum(float(t.grad.abs().sum()) for t in (logp, ent) if t.grad is not None)
     return Result(float(loss.detach()), metrics, h.grad, w.grad, _magnitude(logp.detach(), ent.detach(), batch, config,
                                                                    **kwargs), gain)
@@ -354,14 +356,14 @@ def test_on_policy_sequence_tis_chunks_on_boundaries(monkeypatch):
     case = make_case(seed=31)
     case.batch.old_logp = None
     config = PolicyLossConfig(tis_mode="sequence")
-    k, _ = flpl._compact(_token_rows(case.batch, config))
+    k, _ = flpl.compact_rows(token_rows(case.batch, config))
     assert k.deferred
     bounds = chunk_bounds(k.targets.numel(), 9, k.seq_index)
     starts = torch.nonzero(torch.diff(k.seq_index, prepend=k.seq_index[:1] - 1)).squeeze(1).tolist()
     assert all(r0 in starts for r0, _ in bounds) and bounds[-1][1] == k.targets.numel()
     n, V, H = k.targets.numel(), 1009, 37
-    assert flpl._choose_tiling(n, V, H, plan_chunks(n, V, torch.device("cpu"), 9), k) == "token"
-    assert flpl._choose_tiling(n, V, H, plan_chunks(n, V, torch.device("cpu"), 5), k) == "vocab"
+    assert flpl.choose_tiling(n, V, H, plan_chunks(n, V, torch.device("cpu"), 9), k) == "token"
+    assert flpl.choose_tiling(n, V, H, plan_chunks(n, V, torch.device("cpu"), 5), k) == "vocab"
 
 
 def test_edge_cases(impl):
@@ -452,11 +454,9 @@ def _torch_bf16_path(case: Case, config: PolicyLossConfig, **kwargs) -> Result:
     """torch's own bf16 path: bf16 GEMM (logits rounded to bf16), fp32 log-softmax, the same loss, autograd."""
     h = case.hidden.clone().requires_grad_(True)
     w = case.weight.clone().requires_grad_(True)
-    logp, ent = linear_logprob_reference(h, w, case.batch.targets, config.temperature, return_entropy=True,
-                                         logits_dtype=torch.float32)
-    loss, metrics = cipo_policy_loss(logp, case.batch, config, entropy=ent, **kwargs)
-    loss.backward()
-    return Result(float(loss.detach()), metrics, h.grad.double(), w.grad.double())
+    ref = materialized_policy_loss(h, w, case.batch, config, with_entropy=True, logits_dtype=torch.float32, **kwargs)
+    ref.loss.backward()
+    return Result(float(ref.loss.detach()), ref.metrics, h.grad.double(), w.grad.double())
 
 
 @pytest.mark.parametrize("tiling", ["token", "vocab"])
@@ -666,19 +666,19 @@ def test_invalid_inputs(name, args, kwargs, match):
 def test_tiling_choice_at_gpu_shapes():
     """Token chunks (6·THV) when the fp32 dW accumulator + a tile fit 1.5 GiB, else vocab slabs (8·THV)."""
     case = make_case(seed=91, V=50, H=8)
-    k = _token_rows(case.batch, PolicyLossConfig())
+    k = token_rows(case.batch, PolicyLossConfig())
     cuda = torch.device("cuda")
     for T, V, H, want in ((8192, 151936, 4096, "vocab"), (32768, 151936, 2560, "vocab"), (8192, 32000, 2048, "token"),
                           (300, 151936, 4096, "token"), (200000, 1000, 64, "token")):
-        assert flpl._choose_tiling(T, V, H, plan_chunks(T, V, cuda), k) == want, (T, V, H)
-    # accumulating dW in the weight dtype needs no V × H buffer: token chunks fit at the issue's largest shape, in
+        assert flpl.choose_tiling(T, V, H, plan_chunks(T, V, cuda), k) == want, (T, V, H)
+    # accumulating dW in the weight dtype needs no V × H buffer: token chunks fit at the largest GPU target shape, in
     # the large chunks that the GPU measurements favour (1536 rows of fp32 logits + the bf16 operand: 1.30 GiB)
-    rows = flpl._weight_accum_chunk_rows(151936, torch.bfloat16)
-    assert rows == 1536 and flpl._tile_bytes(rows, 151936, torch.bfloat16) <= flpl.MEMORY_BUDGET_BYTES
+    rows = flpl.weight_accum_chunk_rows(151936, torch.bfloat16)
+    assert rows == 1536 and flpl.tile_bytes(rows, 151936, torch.bfloat16) <= flpl.MEMORY_BUDGET_BYTES
     plan = plan_chunks(32768, 151936, cuda, rows)
-    assert flpl._choose_tiling(32768, 151936, 4096, plan, k, "weight", torch.bfloat16) == "token"
-    assert flpl._choose_tiling(32768, 151936, 4096, plan, k, "fp32", torch.bfloat16) == "vocab"
-    assert flpl._weight_accum_chunk_rows(32000, torch.bfloat16) == 2048  # capped at the largest size measured
+    assert flpl.choose_tiling(32768, 151936, 4096, plan, k, "weight", torch.bfloat16) == "token"
+    assert flpl.choose_tiling(32768, 151936, 4096, plan, k, "fp32", torch.bfloat16) == "vocab"
+    assert flpl.weight_accum_chunk_rows(32000, torch.bfloat16) == 2048  # capped at the largest size measured
 
 
 def test_dw_accum_auto_resolution():

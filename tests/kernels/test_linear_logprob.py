@@ -16,7 +16,7 @@ Tolerances:
   Gradients (relative Frobenius norm): p carries relative error ≤ 2u·S, dZ and the GEMM outputs are rounded
   to the half dtype (≤ 3u): ``2 · (2u·S + 3u)``. These worst-case bounds are loose (10-100x the observed error),
   so the test also requires every error to be ≤ 1.25x that of torch's own half path on the same inputs (half
-  GEMM, fp32 log-softmax, autograd) — the issue's accuracy target; measured ratios 1.00-1.07.
+  GEMM, fp32 log-softmax, autograd) — the GPU suite's accuracy target; measured ratios 1.00-1.07.
 * extreme logits (S ≈ 1.25e4, fp32): the fp32 rules above (scale-relative), no NaN/inf anywhere; for an
   entropy-only loss (true gradient ~1e-12) the gradients' relative Frobenius error ≤ 4·2^-24·S.
 """
@@ -40,7 +40,7 @@ from cipo.kernels.linear_logprob import (
 )
 from cipo.kernels.linear_logprob_ref import linear_logprob_reference
 
-from cipo.profiling import cpu_peak_alloc_bytes
+from bench.profiling import cpu_peak_alloc_bytes
 
 assert os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(), "conftest sets TRITON_INTERPRET"
 

@@ -27,7 +27,7 @@ from typing import Optional
 import pytest
 import torch
 from cipo.kernels import policy_loss as plk
-from cipo.kernels.policy_loss_ref import aggregate, token_terms
+from cipo.kernels.policy_loss_torch import aggregate, token_terms
 
 import cipo
 from cipo import PackedBatch, PolicyLossConfig, SequenceSample, cipo_policy_loss, policy_loss

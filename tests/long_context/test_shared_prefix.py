@@ -1,7 +1,7 @@
 """Shared-prefix packing: the layout, and a loss + gradients equal to the plain packed batch's.
 
 Tolerances: fp32 model, the two forwards differ only in the order of the attention's sums (a shorter key stream,
-masked differently), so loss, metrics and every parameter gradient agree to 1e-5 relative (the issue's bar); the
+masked differently), so loss, metrics and every parameter gradient agree to 1e-5 relative (docs/LONG_CONTEXT.md); the
 hidden states to 1e-5 absolute (they are O(1) after the final norm).
 """
 
@@ -19,7 +19,6 @@ from cipo.trainer.forward import packed_hidden_states
 from cipo.trainer.shared_prefix import (
     SharedPrefixLayout,
     check_model,
-    forward_tokens,
     shared_prefix_micro_batches,
 )
 
@@ -31,6 +30,15 @@ def model():
     tok = build_tiny_tokenizer()
     return build_tiny_model(tokenizer=tok, seed=0, num_hidden_layers=2, hidden_size=64, intermediate_size=96,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=16).train()
+
+
+def forward_tokens(batch: PackedBatch) -> int:
+    """Tokens of ``batch``'s shared-prefix forward stream, counted here: each distinct prompt once, plus every
+    response."""
+    cu, plens = batch.cu_seqlens.tolist(), batch.prompt_len.tolist()
+    ids = batch.input_ids.tolist()
+    prompts = {tuple(ids[cu[s]:cu[s] + plens[s]]) for s in range(batch.num_seqs)}
+    return sum(len(p) for p in prompts) + int(batch.num_tokens) - sum(plens)
 
 
 def _ids(gen: torch.Generator, n: int, vocab: int) -> list[int]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cipo.models.tiny import ensure_tiny_checkpoint
+from tests._tiny import ensure_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

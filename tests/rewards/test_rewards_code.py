@@ -14,11 +14,17 @@ import time
 import pytest
 
 from cipo.rewards import CodeVerifier, LocalSandbox, SandboxCapabilities, detect_capabilities, extract_code
-from cipo.rewards.sandbox import HARNESS_MARKER, _pids_of_uid
+from cipo.rewards.sandbox import HARNESS_MARKER
+from cipo.rewards.sandbox_processes import pids_of_uid
 
 from ._helpers import cmdlines_containing, wait_gone
 
 TIMEOUT = 1.5
+# How long after the deadline a killed program's teardown may take. One second when the suite runs alone; under
+# pytest-xdist the other worker keeps the second core busy (the README's command: two workers on 2 cores), and
+# killing a fork bomb's process tree or a cold interpreter start was measured at 2.6 s there. Still far below what
+# an unkilled program would take (it runs until the test's own guard).
+KILL_SLACK_S = 3.0 if os.environ.get("PYTEST_XDIST_WORKER") else 1.0
 ROOT = os.geteuid() == 0
 
 
@@ -282,13 +288,13 @@ def _run_hostile(name: str, verifier: CodeVerifier, tmp_path, listener):
     elapsed = time.monotonic() - t0
 
     assert res.score == 0.0, (name, res)
-    assert elapsed < verifier.timeout_s + 1.0, (name, elapsed, res)
+    assert elapsed < verifier.timeout_s + KILL_SLACK_S, (name, elapsed, res)
     # no process behind: harness processes, the marker daemon, anything of the sandbox uid
     assert wait_gone(lambda: cmdlines_containing(marker), 0.5) == [], name
     assert wait_gone(lambda: cmdlines_containing(HARNESS_MARKER), 0.5) == [], name
     uid = verifier.backend.uid
     if uid is not None:
-        assert wait_gone(lambda: _pids_of_uid(uid), 0.5) == [], name
+        assert wait_gone(lambda: pids_of_uid(uid), 0.5) == [], name
     # files outside the work dir untouched; our own work files removed
     assert sentinel.read_text() == "precious" and sorted(os.listdir(sentinel_dir)) == ["sentinel.txt"], name
     assert (os.stat(sentinel).st_mode & 0o777) == 0o644
@@ -347,7 +353,7 @@ def test_many_cases_share_the_budget(cv_short):
     t0 = time.monotonic()
     res = cv_short.verify(fenced(slow), stdio(*[(str(i), str(i)) for i in range(10)]))
     assert res.score == 0.0 and res.reason == "timeout"
-    assert time.monotonic() - t0 < TIMEOUT + 1.0
+    assert time.monotonic() - t0 < TIMEOUT + KILL_SLACK_S
 
 
 def test_direct_start_without_zygote(caps):
@@ -356,7 +362,7 @@ def test_direct_start_without_zygote(caps):
     sbx = LocalSandbox(TIMEOUT, 256, use_zygote=False)
     t0 = time.monotonic()
     res = sbx.run_assert("while True:\n    pass", ["assert True"])
-    assert not res.passed and res.reason == "timeout" and time.monotonic() - t0 < TIMEOUT + 1.0
+    assert not res.passed and res.reason == "timeout" and time.monotonic() - t0 < TIMEOUT + KILL_SLACK_S
     assert wait_gone(lambda: cmdlines_containing(HARNESS_MARKER), 0.5) == []
 
 
@@ -409,13 +415,13 @@ def test_zygote_dies_with_its_process(tmp_path):
 def test_stale_run_dirs_of_dead_processes_are_swept(caps):
     import subprocess
 
-    from cipo.rewards import sandbox as sandbox_module
+    from cipo.rewards import sandbox_processes
 
     dead = subprocess.Popen(["true"])
     dead.wait()
     stale = tempfile.mkdtemp(prefix=f"cipo-sbx-{dead.pid}-")
     mine = tempfile.mkdtemp(prefix=f"cipo-sbx-{os.getpid()}-")  # owner alive: kept
-    sandbox_module._swept_in = None  # the sweep runs once per process
+    sandbox_processes._swept_in = None  # the sweep runs once per process
     assert LocalSandbox(10.0, 256).run_assert("x = 1", ["assert x == 1"]).passed
     assert not os.path.exists(stale) and os.path.exists(mine)
     os.rmdir(mine)

@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from cipo.models.tiny import ensure_tiny_checkpoint  # noqa: E402
+from tests._tiny import ensure_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

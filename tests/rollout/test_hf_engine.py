@@ -8,8 +8,9 @@ as if seeded with s + i alone) and follows the temperature / top-k / top-p distr
 import pytest
 import torch
 
-from cipo.models.tiny import build_tiny_model, load_tiny
+from cipo.models.tiny import build_tiny_model
 from cipo.rollout import FINISH_LENGTH, FINISH_STOP, HFEngine, SamplingConfig, make_engine
+from tests._tiny import load_tiny
 
 from ._helpers import eos_only_model, max_logprob_error, prompts_for
 

@@ -17,9 +17,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from cipo.models.tiny import load_tiny  # noqa: E402
 from cipo.rollout import SamplingConfig, VLLMEngine  # noqa: E402
 from tests._launch import free_port, run_child  # noqa: E402
+from tests._tiny import load_tiny  # noqa: E402
 
 from ._helpers import prompts_for  # noqa: E402
 

@@ -9,8 +9,9 @@ import torch
 
 pytest.importorskip("vllm")
 
-from cipo.models.tiny import build_tiny_model, load_tiny  # noqa: E402
+from cipo.models.tiny import build_tiny_model  # noqa: E402
 from cipo.rollout import FINISH_LENGTH, FINISH_STOP, SamplingConfig, VLLMEngine, make_engine  # noqa: E402
+from tests._tiny import load_tiny  # noqa: E402
 
 from ._helpers import eos_only_model, max_logprob_error, prompts_for  # noqa: E402
 

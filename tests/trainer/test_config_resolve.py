@@ -203,7 +203,7 @@ def _rows(*texts: str) -> list[dict]:
 
 def test_truncation_sides(tokenizer):
     from cipo.data.dataset import chat_prompt_ids
-    from cipo.trainer.setup import PromptTruncator, generation_suffix
+    from cipo.rollout.session import PromptTruncator, generation_suffix
 
     ids = chat_prompt_ids(tokenizer, "What is 12+34? " * 8)
     suffix = generation_suffix(tokenizer)
@@ -218,7 +218,7 @@ def test_truncation_sides(tokenizer):
 
 def _screen(tokenizer, rows, *overrides):
     from cipo.data.dataset import chat_prompt_ids
-    from cipo.trainer.setup import screen_prompts
+    from cipo.rollout.session import screen_prompts
 
     config = load_config(None, ["data.max_prompt_length=24", *overrides])
     return screen_prompts(rows, lambda p: chat_prompt_ids(tokenizer, p), config, "training")

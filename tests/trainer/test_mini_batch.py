@@ -30,7 +30,8 @@ from cipo.trainer.config import load_config
 from cipo.trainer.config_io import ConfigError
 from cipo.trainer.distributed import DistContext, balanced_partition
 from cipo.trainer.mini_batch import mini_batch_rows, partition_rows, stream_normalizers
-from cipo.trainer.trainer import CIPOTrainer, StepMetrics
+from cipo.trainer.step_metrics import StepMetrics
+from cipo.trainer.trainer import CIPOTrainer
 
 from .test_train_e2e import fast_config
 

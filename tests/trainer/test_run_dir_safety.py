@@ -17,7 +17,7 @@ import yaml
 from cipo import cli
 from cipo.trainer import checkpoint as ckpt
 from cipo.trainer.run_dir import RunDirError, check_resume_config, check_run_dir
-from cipo.trainer.trainer import _truncate_metrics
+from cipo.trainer.step_metrics import truncate_metrics_log
 
 from .test_train_e2e import FAST, TINY, fast_config
 
@@ -216,7 +216,7 @@ def test_real_run_refuses_a_second_start_and_overwrite_keeps_the_old_one(tmp_pat
 def test_torn_metrics_lines_are_dropped_and_backed_up(tmp_path: Path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\nnot json\n{"step": 3}\n{"step": 4, "x"')
-    _truncate_metrics(path, 3)
+    truncate_metrics_log(path, 3)
     assert path.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
     assert (tmp_path / "metrics.jsonl.bak").read_text().endswith('"x"')
     assert "dropped 2 unreadable line(s) (line 3, 5)" in capsys.readouterr().err

@@ -1,47 +1,33 @@
 """CIPO's correction stream inside TRL 1.16's ``GRPOTrainer``: :class:`CipoCorrectionGRPOTrainer`.
 
-Each generation batch, after TRL has sampled, scored and normalised the base stream (its own code, untouched):
+Each generation batch, after TRL has sampled, scored and normalised the base stream (its own code, untouched), the
+run's :class:`~cipo.algorithm.CorrectionStream` (the same object :class:`cipo.trainer.trainer.CIPOTrainer` drives):
 
-1. the base completions' rewards (``≥ correct_threshold`` = correct) update cipo's pass-rate tracker;
-2. cipo's :class:`~cipo.algorithm.DifficultySelector` picks ``correction_batch_size`` conditioning trajectories,
-   ``round(ρ·B)`` of them successful (ρ from the :class:`~cipo.algorithm.ReplayController`), preferring prompts
-   whose pass rate lies in ``[p_low, p_high]``;
-3. the :class:`~cipo.algorithm.CorrectionTemplate` turns each (prompt, attempt) into a correction prompt (no ground
-   truth, no verdict), and TRL's own generation + reward functions produce ``num_generations`` refinements of each;
-4. risk-averse shaping (``r − α`` or ``A − α`` on correct → incorrect regressions), GRPO advantages within each
-   correction group (cipo's :func:`~cipo.group_advantages`), the replay controller's update from the retention;
-5. base and correction sequences are trained together: ``L = L_base + λ·L_corr``, each stream normalised by its own
+1. ``propose``: the base completions' rewards (``≥ correct_threshold`` = correct) update the pass rates; the
+   difficulty selector picks ``correction_batch_size`` conditioning trajectories, ``round(ρ·B)`` of them successful,
+   preferring prompts whose pass rate lies in ``[p_low, p_high]``; the template turns each (prompt, attempt) into a
+   correction prompt (no ground truth, no verdict);
+2. TRL's own generation + reward functions produce ``num_generations`` refinements of each correction prompt;
+3. ``absorb``: risk-averse shaping (``r − α`` or ``A − α`` on correct → incorrect regressions) and the replay
+   controller's update from the retention; GRPO advantages within each correction group
+   (:meth:`~cipo.algorithm.CorrectionOutcome.advantages`);
+4. base and correction sequences are trained together: ``L = L_base + λ·L_corr``, each stream normalised by its own
    token count over the generation batch (TRL's ``dapo`` normaliser, per stream), with cipo's policy loss.
 
 With ``correction_batch_size=0`` (or ``lambda_corr=0``, or no picks) the loss is ``CipoGRPOTrainer(cipo_loss=True)``'s,
 i.e. TRL's ``dapo`` loss. Scope: one process, text prompts (plain or conversational), no tools, no vLLM; the base
-stream keeps TRL's advantages (``scale_rewards`` etc.), the correction stream uses cipo's (DESIGN §4).
+stream keeps TRL's advantages (``scale_rewards`` etc.), the correction stream uses cipo's (docs/DESIGN.md §4).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import defaultdict
 from typing import Any, Optional
 
 import torch
 
-from cipo.advantages import group_advantages
-from cipo.algorithm import (
-    CIPOConfig,
-    DifficultySelector,
-    PassRateTracker,
-    PromptResult,
-    ReplayController,
-    Rollout,
-    RolloutGroup,
-    Trajectory,
-    TrajectoryPool,
-    build_correction_prompts,
-    shape_advantages,
-    shape_correction_groups,
-)
+from cipo.algorithm import CIPOConfig, CorrectionStream, PromptResult, Rollout, RolloutGroup, Trajectory
 from cipo.loss import policy_loss
 
 from ._trainer import CipoGRPOTrainer
@@ -85,10 +71,10 @@ class CipoCorrectionGRPOTrainer(CipoGRPOTrainer):
         self.cipo_config = cfg
         self.correct_threshold = float(correct_threshold)
         self.prompt_key = prompt_key
-        self.tracker = PassRateTracker(ema_decay=cfg.pass_rate_ema_decay)
-        self.controller = ReplayController.from_config(cfg)
-        self.pool = TrajectoryPool.from_config(cfg)
-        self.selector = DifficultySelector.from_config(cfg)
+        tok = self.processing_class
+        self.correction_stream = CorrectionStream(
+            cfg, encode=lambda text: tok(text, add_special_tokens=False)["input_ids"],
+            decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
         self._cipo_step = 0
         self._rows: dict[Any, dict] = {}
         self._last_rewards: Optional[torch.Tensor] = None
@@ -116,7 +102,6 @@ class CipoCorrectionGRPOTrainer(CipoGRPOTrainer):
             return base
         step = self._cipo_step
         self._cipo_step += 1
-        metrics: dict[str, float] = {}
         G = self.num_generations
         rewards, texts = self._last_rewards, self._last_completions
         results = []
@@ -127,28 +112,20 @@ class CipoCorrectionGRPOTrainer(CipoGRPOTrainer):
             trajectories = [Trajectory(correct=bool(rewards[g * G + k] >= self.correct_threshold),
                                        text=_as_text(texts[g * G + k])) for k in range(G)]
             results.append(PromptResult(prompt_id=pid, prompt=row["prompt"], trajectories=trajectories))
-        self.tracker.update({r.prompt_id: [t.correct for t in r.trajectories] for r in results}, step)
-        candidates = self.pool.candidates(results, step)
-        selection = self.selector.select(candidates, cfg.correction_batch_size, self.controller.rho, step,
-                                         pass_rates=self.tracker.pass_rates(cfg.pass_rate_source))
-        metrics.update(selection.metrics())
-        picks = selection.picks
+        proposal = self.correction_stream.propose(results, step)
+        metrics: dict[str, float] = dict(proposal.metrics)
         # TRL splits the generation batch into steps_per_generation equal micro-batches
         spg = self.args.steps_per_generation
-        while picks and (len(picks) * G + base["completion_ids"].size(0)) % spg:
-            picks = picks[:-1]
-        metrics["replay/rho"] = self.controller.rho
-        if not picks:
+        keep = len(proposal)
+        while keep and (keep * G + base["completion_ids"].size(0)) % spg:
+            keep -= 1
+        proposal = proposal.head(keep)
+        metrics["replay/rho"] = self.correction_stream.rho
+        if not proposal.picks:
             self._log_dict(metrics)
             return base
-        selection = dataclasses.replace(selection, picks=picks)
-        tok = self.processing_class
-        corr_prompts = build_correction_prompts(
-            selection, candidates, cfg.template,
-            encode=lambda text: tok(text, add_special_tokens=False)["input_ids"],
-            decode=lambda ids: tok.decode(ids, skip_special_tokens=True))
         corr_inputs = []
-        for pick, prompt in zip(picks, corr_prompts):
+        for pick, prompt in zip(proposal.picks, proposal.prompts):
             row = dict(self._rows[pick.prompt_id])
             row["prompt"] = prompt.messages if isinstance(row["prompt"], list) else prompt.text
             corr_inputs.extend(dict(row) for _ in range(G))
@@ -166,28 +143,22 @@ class CipoCorrectionGRPOTrainer(CipoGRPOTrainer):
             self._metrics["train"][key].extend(values)
 
         corr_rewards = self._last_rewards
-        groups = [RolloutGroup(prompt_ids=[], prompt_id=pick.prompt_id, conditioning_correct=pick.was_correct,
+        groups = [RolloutGroup(prompt_ids=[], prompt_id=pick.prompt_id,
                                rollouts=[Rollout(response_ids=[], reward=float(corr_rewards[i * G + k]),
                                                  correct=bool(corr_rewards[i * G + k] >= self.correct_threshold))
                                          for k in range(G)])
-                  for i, pick in enumerate(picks)]
-        groups, shaping = shape_correction_groups(groups, cfg)
-        counts = shaping.counts
-        decision = self.controller.update(counts["correct_to_correct"],
-                                          counts["correct_to_correct"] + counts["correct_to_incorrect"])
-        shaped = torch.tensor([r.reward for g in groups for r in g.rollouts], dtype=torch.float64)
-        group_ids = torch.arange(len(groups)).repeat_interleave(G)
-        advantages = group_advantages(shaped, group_ids, estimator="grpo")
-        if cfg.shaping_target == "advantage":
-            advantages = shape_advantages(advantages, shaping.regression, cfg.alpha)
+                  for i, pick in enumerate(proposal.picks)]
+        outcome = self.correction_stream.absorb(proposal, groups)
+        # float64, as this trainer always computed them; float32 would match CIPOTrainer's bit for bit but move
+        # some values by one float32 ulp (see CorrectionOutcome.advantages)
+        advantages = outcome.advantages(cfg, estimator="grpo", dtype=torch.float64)
         corr["advantages"] = advantages.to(base["advantages"].dtype).to(base["advantages"].device)
-        metrics.update(shaping.metrics())
-        metrics.update(decision.metrics())
+        metrics.update(outcome.metrics())
         metrics["corr/success"] = float((corr_rewards >= self.correct_threshold).float().mean())
-        metrics["corr/num_sequences"] = float(len(picks) * G)
+        metrics["corr/num_sequences"] = float(len(proposal) * G)
         self._log_dict(metrics)
-        merged = _concat(base, corr, pad_token_id=tok.pad_token_id)
-        merged[STREAM_KEY] = torch.cat([base[STREAM_KEY], torch.ones(len(picks) * G, dtype=torch.long)])
+        merged = _concat(base, corr, pad_token_id=self.processing_class.pad_token_id)
+        merged[STREAM_KEY] = torch.cat([base[STREAM_KEY], torch.ones(len(proposal) * G, dtype=torch.long)])
         merged[CORR_ITEMS_KEY] = corr["num_items_in_batch"].to(base["num_items_in_batch"].dtype)
         return merged
 

@@ -1,8 +1,8 @@
 """The registered ``cipo`` policy loss equals verl 0.9.1's own ``vanilla`` loss, and cipo's aggregation equals
-verl's ``agg_loss`` (issue 13, parts 1 and 2), in float64.
+verl's ``agg_loss``, in float64.
 
 Tolerance: 1e-12 relative (floor 1 on the scale), in every mode. ``seq-mean-token-mean`` needs a word: verl
-divides each sequence's sum by ``count + 1e-8`` and cipo by ``count`` (DESIGN §4 is law). With the bool
+divides each sequence's sum by ``count + 1e-8`` and cipo by ``count`` (docs/DESIGN.md §4 is law). With the bool
 ``response_mask`` verl's ``ppo_loss`` hands over, ``count`` is an int64 tensor and ``count + 1e-8`` is computed
 in float32 (torch's default dtype), where it rounds back to ``count`` for every count >= 1: the two agree exactly.
 Only a floating mask (a direct call) makes the epsilon real; then the difference is exactly

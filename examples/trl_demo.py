@@ -1,11 +1,13 @@
 """CIPO through TRL on the tiny arithmetic task: a warm-started tiny Qwen3, TRL's GRPOTrainer with cipo's head, loss
 and correction stream (:class:`CipoCorrectionGRPOTrainer`), held-out accuracy before and after.
 
-    $(bash scripts/integration_env.sh trl)/bin/python -m cipo.integrations.trl.demo --out runs/trl_demo [--baseline]
+    $(bash scripts/integration_env.sh trl)/bin/python examples/trl_demo.py --out runs/trl_demo [--baseline]
 
 ``--warm-dir`` reuses a warm-started checkpoint (``cipo.warmstart.build_warm_checkpoint``; built here with the HF
 engine when missing). ``--baseline`` also trains TRL's own ``GRPOTrainer`` (no correction stream) from the same
-checkpoint with the same settings. Writes ``summary.json`` and each run's TRL log history to ``--out``.
+checkpoint with the same settings. Held-out accuracy is sampled through cipo's rollout session
+(:func:`cipo.warmstart.sampled_accuracy`: an HF engine on the model in memory, seeded per prompt, T = 1). Writes
+``summary.json`` and each run's TRL log history to ``--out``.
 """
 
 from __future__ import annotations
@@ -23,35 +25,26 @@ TEMPLATE = dict(user_format="{problem}\nPrevious attempt: {attempt}\nSolve the p
 def _warm_checkpoint(path: Path) -> dict:
     from cipo.algorithm import CorrectionTemplate
     from cipo.models.tiny import build_tiny_tokenizer
+    from cipo.rollout.session import PromptCodec
     from cipo.warmstart import build_warm_checkpoint
 
     template = CorrectionTemplate(**TEMPLATE)
-    tok = build_tiny_tokenizer()
+    codec = PromptCodec(build_tiny_tokenizer())
 
     def builder(prompt, attempt):
-        return template.build(prompt, attempt, encode=lambda s: tok(s, add_special_tokens=False)["input_ids"],
-                              decode=lambda ids: tok.decode(ids, skip_special_tokens=True)).messages
+        return template.build(prompt, attempt, encode=codec.encode, decode=codec.decode).messages
 
     return build_warm_checkpoint(path, seed=0, target=0.35, engine_kind="hf", progress=False,
                                  correction_builder=builder, correction_fraction=0.5)
 
 
 def held_out_accuracy(model, tokenizer, rows: list[dict], samples: int, max_new_tokens: int, seed: int) -> float:
-    """Mean verifier score of ``samples`` completions per row, sampled at T = 1 with HF ``generate``."""
-    import torch
+    """Mean verifier score of ``samples`` completions per row of ``model`` (in memory), sampled at T = 1."""
+    from cipo.rollout import HFEngine, SamplingConfig
+    from cipo.warmstart import sampled_accuracy
 
-    from cipo.data.synthetic import score
-
-    texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    torch.manual_seed(seed)
-    model.eval()
-    with torch.no_grad():
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens,
-                             num_return_sequences=samples, pad_token_id=tokenizer.pad_token_id)
-    completions = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    truths = [r["reward_model"]["ground_truth"] for r in rows for _ in range(samples)]
-    return sum(score(c, t) for c, t in zip(completions, truths)) / len(completions)
+    sampling = SamplingConfig(temperature=1.0, max_tokens=max_new_tokens, seed=seed, return_logprobs=False)
+    return sampled_accuracy(HFEngine(model=model, tokenizer=tokenizer), tokenizer, rows, sampling, samples)
 
 
 def main() -> None:
@@ -70,8 +63,7 @@ def main() -> None:
 
     from cipo.algorithm import CIPOConfig
     from cipo.data.synthetic import make_splits, score
-
-    from .correction import CipoCorrectionGRPOTrainer
+    from cipo.integrations.trl import CipoCorrectionGRPOTrainer
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -1,6 +1,7 @@
-"""Torch reference of the group-wise advantage (the CPU path, float64-capable).
+"""The torch path of the group-wise advantage: what ``cipo.group_advantages`` runs on CPU tensors and in float64 (the
+Triton kernel's float64 oracle in the tests; the formulas are checked against ``tests/core/loop_reference.py``).
 
-DESIGN §4 (verl's ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage``):
+docs/DESIGN.md §4 (verl's ``compute_grpo_outcome_advantage`` / ``compute_rloo_outcome_advantage``):
 
 * grpo:   ``A_i = (r_i − mean_g) / (std_g + eps)``, std unbiased (N−1).
 * drgrpo: ``A_i = r_i − mean_g``.
@@ -18,8 +19,8 @@ import torch
 ESTIMATORS = ("grpo", "drgrpo", "rloo")
 
 
-def group_advantages_reference(rewards: torch.Tensor, group_index: torch.Tensor, num_groups: int,
-                               estimator: str, eps: float) -> torch.Tensor:
+def group_advantages_torch(rewards: torch.Tensor, group_index: torch.Tensor, num_groups: int,
+                           estimator: str, eps: float) -> torch.Tensor:
     """Advantages of ``rewards`` grouped by ``group_index``.
 
     Args:

@@ -1,7 +1,8 @@
-"""Reward routing for the trainer: each response is scored by the verifier its row's ``data_source`` names.
+"""Reward routing: each response is scored by the verifier its row's ``data_source`` names (the trainer, ``cipo
+eval`` and the warm start's accuracy checks all score through :class:`RewardScorer`).
 
 The built-in synthetic task is scored in-process (an exact integer match, microseconds). Math and code go to
-:mod:`cipo.rewards` in worker processes — code is model output and runs only inside the sandbox there.
+the verifiers of this package in worker processes — code is model output and runs only inside the sandbox there.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from ..data import synthetic
-from ..rewards import CodeVerifier, MathVerifier, VerifierPool, verify_batch
-from ..rewards.verl import is_code_item
+from .batch import VerifierPool, verify_batch
+from .code_verifier import CodeVerifier
+from .math_verifier import MathVerifier
+from .verl import is_code_item
 
 SYNTHETIC_SOURCES = frozenset({"synthetic_arith"})
 

@@ -1,4 +1,4 @@
-"""Memory measurement shared by the memory-bound tests and the benchmarks."""
+"""Peak CPU memory of a call, shared by the benchmarks and the memory-bound kernel tests."""
 
 from __future__ import annotations
 

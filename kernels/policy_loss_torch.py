@@ -1,7 +1,9 @@
-"""Torch reference of the policy loss from per-token log-probs (the CPU path, float64-capable).
+"""The torch path of the policy loss from per-token log-probs: what ``cipo.policy_loss`` runs on CPU tensors and in
+float64 (the Triton kernel's float64 oracle in the tests is this path run in float64; the formulas themselves are
+checked against the per-token loops of ``tests/core/loop_reference.py``).
 
 Inputs are in the *flat* form every layout reduces to: token tensors ``[N]``, the sequence of each token
-``seq_index [N]`` and the sequence count ``S``. Formulas are DESIGN §4 (verl's ``core_algos``):
+``seq_index [N]`` and the sequence count ``S``. Formulas are docs/DESIGN.md §4 (verl's ``core_algos``):
 
 * ratio ``ρ = exp(clamp(logp − old, −20, 20))``;
 * ``Lc = max(−Aρ, −A·clip(ρ, 1−ε_low, 1+ε_high))``; dual-clip: ``L = min(Lc, −A·c)`` where ``A < 0``;
@@ -111,7 +113,7 @@ def token_terms(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int, mode: str,
               *, scale_factor: float, normalizer: Optional[float] = None) -> torch.Tensor:
-    """Aggregate per-token ``values [N]`` over the tokens where ``mask`` is True (DESIGN §4).
+    """Aggregate per-token ``values [N]`` over the tokens where ``mask`` is True (docs/DESIGN.md §4).
 
     Args:
         mode: ``token-mean``, ``token-sum``, ``seq-mean-token-sum``, ``seq-mean-token-mean`` or

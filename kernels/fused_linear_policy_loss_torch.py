@@ -1,10 +1,10 @@
 """Torch path of ``fused_linear_policy_loss`` (the CPU path, float64-capable): the same contract as the Triton
 epilogue of :mod:`._fused_epilogue`, on a token chunk or on the per-token terms of the vocab tiling.
 
-The per-token values come from the policy-loss reference (:func:`.policy_loss_ref.token_terms`) and their
-derivatives from autograd of ``Σ c·ℓ`` — the reference's own tie conventions, which the Triton helper
-:func:`._policy_math.policy_token_terms` reproduces. The naive materialised reference of the log-probs themselves
-(``[T, V]`` logits → log-softmax → gather) is :func:`.linear_logprob_ref.linear_logprob_reference`.
+The per-token values come from the policy loss's torch path (:func:`.policy_loss_torch.token_terms`) and their
+derivatives from autograd of ``Σ c·ℓ`` — that path's own tie conventions, which the Triton helper
+:func:`._policy_math.policy_token_terms` reproduces. The end-to-end float64 reference the tests hold this module to
+(``[T, V]`` logits → log-softmax → gather → ``cipo_policy_loss``) is ``cipo.fused_loss_ref``.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import torch
 
 from ._fused_epilogue import TokenRows
 from ._loss_plan import LossPlan
-from .linear_logprob_ref import IGNORE_INDEX
-from .policy_loss_ref import token_terms
+from .linear_logprob_torch import IGNORE_INDEX
+from .policy_loss_torch import token_terms
 
 
 def terms_torch(logp: torch.Tensor, ent: torch.Tensor, k: TokenRows, plan: LossPlan
                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Per-token terms in torch: ``(g_logp [R], g_ent [R] | None, column sums [plan.num_cols] float64)``.
 
-    The values come from the reference (``policy_loss_ref.token_terms``), the derivatives from autograd of
-    ``Σ c·ℓ`` — the reference's own tie conventions.
+    The values come from ``policy_loss_torch.token_terms``, the derivatives from autograd of ``Σ c·ℓ`` — that
+    function's own tie conventions.
     """
     dt = k.dtype
     mask = k.mask
@@ -34,8 +34,8 @@ def terms_torch(logp: torch.Tensor, ent: torch.Tensor, k: TokenRows, plan: LossP
         en = ent.detach().to(dt).requires_grad_(plan.ent_in_loss)
         lp_c = torch.where(mask, lp, zero)  # clean, as cipo.loss.flatten_inputs does: no NaN derivative can leak
         old = lp_c.detach() if k.on_policy else k.old
-        # The reference's own per-token terms; TIS is applied below from the precomputed log-weight (the
-        # reference would re-sum it over the chunk's sequences, which need not be whole here).
+        # token_terms' own per-token terms; TIS is applied below from the precomputed log-weight
+        # (token_terms would re-sum it over the chunk's sequences, which need not be whole here).
         terms = token_terms(lp_c, old, k.adv, mask, k.seq_index, k.num_seqs, clip_ratio_low=plan.clip_ratio_low,
                             clip_ratio_high=plan.clip_ratio_high, clip_ratio_c=plan.clip_ratio_c,
                             kl_estimator=plan.kl_estimator,

@@ -1,0 +1,98 @@
+"""Running the study's jobs: each in a fresh process (a fresh vLLM engine, memory returned) that trains, then
+evaluates with :func:`cipo.evaluation.evaluate_run` and writes ``result.json`` beside the job's spec.
+
+A job whose ``result.json`` holds the same spec is reused, so an interrupted study is finished by running the same
+command again: the unit of resumption is the job. Anything else in a job's run directory is a leftover (an
+interrupted job, or one with another spec) and is removed before the job runs again, since the trainer refuses a
+directory that holds another run's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+RESULT = "result.json"
+SPEC = "study_job.json"
+
+
+def finished_record(job: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The job's stored record when it finished with this very spec (``"reused": True`` added), else None."""
+    result_path = Path(job["run_dir"]) / RESULT
+    if not result_path.exists():
+        return None
+    try:
+        record = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        return None  # cut short while written by a version that wrote it in place: run the job again
+    if record.get("spec") != job:
+        return None
+    record["reused"] = True
+    return record
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Remove what an unfinished or differently specified job left in ``run_dir`` (the directory stays)."""
+    if run_dir.is_dir():
+        for path in run_dir.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def run_worker(spec_path: Path) -> int:
+    """Train one job's run, evaluate it, write ``result.json`` beside the spec (the worker process)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from cipo.evaluation import evaluate_run
+    from cipo.trainer.config import load_config
+    from cipo.trainer.trainer import CIPOTrainer
+
+    spec = json.loads(spec_path.read_text())
+    t0 = time.perf_counter()
+    trainer = CIPOTrainer(load_config(spec["config"], spec["overrides"]))
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
+    t1 = time.perf_counter()
+    ev = spec["eval"]
+    result = evaluate_run(spec["run_dir"], n=ev["n"], ks=ev["ks"], engine=ev["engine"], seed=ev["seed"],
+                          out=Path(spec["run_dir"]) / "eval", prompts=ev["prompts"],
+                          attempts_per_prompt=ev["attempts_per_prompt"], refinements=ev["refinements"],
+                          progress=False)
+    record = {"spec": spec, "summary": summary, "eval": result, "train_seconds": t1 - t0,
+              "eval_seconds": time.perf_counter() - t1}
+    # written whole or not at all: a job killed here must not leave a result that reads as finished
+    partial = spec_path.parent / (RESULT + ".partial")
+    partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(partial, spec_path.parent / RESULT)
+    return 0
+
+
+def run_job(job: dict[str, Any], log: Path) -> dict[str, Any]:
+    """Run a job in a fresh process (or reuse its result when the same spec already finished)."""
+    record = finished_record(job)
+    if record is not None:
+        return record
+    run_dir = Path(job["run_dir"])
+    clear_run_dir(run_dir)
+    spec_path = run_dir / SPEC
+    spec_path.write_text(json.dumps(job, indent=1) + "\n")
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    with log.open("w") as handle:
+        proc = subprocess.run([sys.executable, "-m", "bench.study", "--worker", str(spec_path)], cwd=REPO, env=env,
+                              stdout=handle, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-30:]
+        raise RuntimeError(f"study job seed {job['seed']} {job['arm']} failed (exit {proc.returncode}); log: {log}\n"
+                           + "\n".join(tail))
+    return json.loads((run_dir / RESULT).read_text())
