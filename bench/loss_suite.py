@@ -310,6 +310,13 @@ GPU_METHODS = ("matmul", "naive", "fused", "linear_logprob", "cce", "liger_flce"
 def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shape]]:
     """(timed shapes, error-check shape) of a suite's loss section ``part``."""
     if suite == "cpu":
+        if part == "smollm2":
+            # SmolLM2-135M-Instruct's tied head (H 576, V 49152) at the trainer's 1024-token micro-batch and 4x it,
+            # fp32 (this CPU's training dtype) and bf16: is the fused loss no slower than the unfused one there?
+            methods = ("naive", "fused", "linear_logprob")
+            shapes = [Shape(T, 576, 49152, dtype, methods=methods, repeats=3, warmup=True, tag="smollm2")
+                      for dtype in ("float32", "bfloat16") for T in ((1024,) if quick else (1024, 4096))]
+            return shapes, Shape(1024, 576, 49152, methods=methods, tag="error")
         if quick:
             # warm-up (first calls pay page faults and library start-up: +75 % measured), profiled run, one timed run
             s = Shape(1024, 256, 32000, methods=CPU_METHODS, repeats=1, warmup=True, tag="quick")
@@ -350,7 +357,7 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description="loss section of the benchmark suites")
     ap.add_argument("--suite", choices=("cpu", "gpu"), required=True)
-    ap.add_argument("--part", default="targets", choices=("targets", "tiling", "sweep"))
+    ap.add_argument("--part", default="targets", choices=("targets", "tiling", "sweep", "smollm2"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--skip", default="", help="comma-separated methods to leave out (recorded as skipped)")
     ap.add_argument("--deadline-s", type=float, default=None)

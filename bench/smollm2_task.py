@@ -40,6 +40,7 @@ DIFFICULTIES = {
     "mix d1 +-": {"kinds": ["expr", "word", "compare"], "digits": 1, "ops": "+-"},
     "expr d1 +-": {"kinds": ["expr"], "digits": 1, "ops": "+-"},
     "mix d1 +": {"kinds": ["expr", "word", "compare"], "digits": 1, "ops": "+"},
+    "expr+compare d1 +": {"kinds": ["expr", "compare"], "digits": 1, "ops": "+"},
 }
 TARGET = 0.375
 

@@ -37,19 +37,22 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .data.dataset import chat_prompt_ids
+    from .evaluation import load_run_config, resolve_policy
     from .rollout import SamplingConfig, make_engine
-    from .trainer.checkpoint import latest_checkpoint
-    from .trainer.export import checkpoint_weights
 
     run_dir = Path(args.run_dir)
-    model_dir = run_dir / "init_model" if (run_dir / "init_model").exists() else run_dir
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{run_dir} holds neither a run (init_model/) nor an HF model (config.json)")
+    if (run_dir / "config.yaml").is_file():  # a run: its final model, else its latest checkpoint (as `cipo eval`)
+        policy = resolve_policy(run_dir, None, load_run_config(run_dir))
+        model_dir, weights, label = policy.model_dir, policy.weights, policy.label
+    elif (run_dir / "config.json").is_file():  # an HF model directory
+        model_dir, weights, label = run_dir, None, str(run_dir)
+    else:
+        raise FileNotFoundError(f"{run_dir} holds neither a run (config.yaml, made by `cipo train`) nor an HF model "
+                                "(config.json)")
     engine = make_engine("hf", model_dir)
-    checkpoint = latest_checkpoint(run_dir) if (run_dir / "checkpoints").exists() else None
-    if checkpoint is not None:
-        engine.update_weights(checkpoint_weights(checkpoint).items())
-        print(f"weights: {checkpoint}", file=sys.stderr)
+    if weights is not None:
+        engine.update_weights(weights.items())
+    print(f"model: {label}", file=sys.stderr)
     tokenizer = engine.tokenizer
     prompt = chat_prompt_ids(tokenizer, args.prompt)
     sampling = SamplingConfig(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
@@ -101,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trainer.run_dir may hold another run: move it aside to RUN_DIR.replaced-<time> (nothing "
                             "is deleted) and start a new one")
     train.set_defaults(func=_train)
-    gen = sub.add_parser("generate", help="sample from a run's latest checkpoint (or an HF model directory)")
+    gen = sub.add_parser("generate", help="sample from a run's final model (hf_model/, else its latest "
+                                                       "checkpoint) or from an HF model directory")
     gen.add_argument("--run-dir", required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("-n", type=int, default=4)

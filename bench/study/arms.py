@@ -41,6 +41,7 @@ ARMS: dict[str, list[str]] = {
 
 ARM_TITLES = {
     "warm_start": "warm start (step 0)",
+    "pretrained": "pretrained model (step 0)",
     "grpo": "GRPO (no correction stream)",
     "cipo": "CIPO",
     "fixed_rho": "CIPO, fixed ρ",
@@ -164,8 +165,8 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 def build_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The spec of every job (what the worker runs, and its commands), seed by seed: for the tiny model a warm
-    start (shared by the seed's arms, which load it through ``model.path``) then the arms; for SmolLM2 the arms
-    only, each from the pretrained model of the config."""
+    start (shared by the seed's arms, which load it through ``model.path``) then the arms; for SmolLM2 an
+    evaluation of the pretrained model (step 0, no training) then the arms, each from that pretrained model."""
     work = Path(args.work)
     base = base_overrides(args)
     eval_spec = {"n": args.n, "ks": args.k, "prompts": args.eval_prompts, "attempts_per_prompt": args.attempts,
@@ -189,6 +190,12 @@ def build_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
                          "overrides": ws_set, "run_dir": str(ws_dir), "eval": eval_spec})
             start = [f"model.path={ws_dir / 'init_model'}", "warmstart.max_steps=0",
                      "model.tiny_overrides={}"]  # the warm start's saved model already has them (a ConfigError else)
+        else:  # the pretrained model on the seed's held-out split: what every arm starts from (no training)
+            start_dir = work / f"seed{seed}" / "pretrained"
+            jobs.append({"kind": "pretrained", "arm": "pretrained", "seed": seed, "config": str(args.config),
+                         "overrides": [*base, f"trainer.seed={seed}", f"trainer.run_dir={start_dir}",
+                                       "trainer.total_steps=0"],
+                         "run_dir": str(start_dir), "eval": {**eval_spec, "step": 0}})
         for arm in args.arms:
             run_dir = work / f"seed{seed}" / arm
             extra = arm_overrides(arm, study_config() if arm in DERIVED_ARMS else None)
@@ -202,7 +209,8 @@ def job_commands(job: dict[str, Any]) -> list[str]:
     """The ``cipo train`` and ``cipo eval`` commands that do what the job's worker does in one process."""
     sets = " ".join(f"--set {shlex.quote(s)}" for s in job["overrides"])
     ev = job["eval"]
+    step = f" --step {ev['step']}" if ev.get("step") is not None else ""
     return [f"cipo train {shlex.quote(job['config'])} {sets}",
-            f"cipo eval --run-dir {shlex.quote(job['run_dir'])} -n {ev['n']} -k {ev['ks']} --prompts {ev['prompts']} "
+            f"cipo eval --run-dir {shlex.quote(job['run_dir'])}{step} -n {ev['n']} -k {ev['ks']} --prompts {ev['prompts']} "
             f"--attempts-per-prompt {ev['attempts_per_prompt']} --refinements {ev['refinements']} "
             f"--seed {ev['seed']} --engine {ev['engine']} --quiet"]

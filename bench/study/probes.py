@@ -57,17 +57,16 @@ def probe_run(run_dir: Path, prompts: int = 96, n: int = 8, attempts: int = 2, r
     from cipo.algorithm import correction_prompt_ids
     from cipo.data import synthetic
     from cipo.rollout import SamplingConfig, make_engine
-    from cipo.rollout.session import PromptCodec
+    from cipo.rollout.session import PromptCodec, sampling_from_config
 
     config = evaluation.load_run_config(run_dir)
     policy = evaluation.resolve_policy(run_dir, None, config)
     rows, _ = evaluation.held_out_rows(config, None, prompts)
     engine = make_engine("hf", policy.model_dir)
-    codec = PromptCodec(engine.tokenizer, config.data.max_prompt_length, "left")
+    codec = PromptCodec.from_config(engine.tokenizer, config)  # the run's prompt length and truncation side
     prompt_ids = codec.prompt_ids
 
-    sampling = SamplingConfig(temperature=config.rollout.temperature, max_tokens=config.rollout.max_response_length,
-                              seed=seed, return_logprobs=False)
+    sampling = sampling_from_config(config, seed, return_logprobs=False)  # the run's T, top-p, top-k, length
     out = engine.generate([prompt_ids(r["prompt"]) for r in rows], n, sampling)
     classes = collections.Counter(classify_failure(t, rows[k // n]) for k, t in enumerate(out.texts))
     picked = [(k // n, out.texts[k]) for k in range(len(out.texts)) if k % n < attempts]

@@ -115,6 +115,17 @@ def table_markdown(agg: dict[str, Any], order: Sequence[str], start: str = "same
     return text
 
 
+def jobs_markdown(runs: list[dict[str, Any]]) -> str:
+    """What each job cost: training and evaluation minutes (inside the worker) and its peak RSS."""
+    text = ("\nJobs (minutes inside the worker process; peak RSS: the worker's, model + in-process vLLM + update):"
+            "\n\n| seed | arm | training (min) | evaluation (min) | peak RSS (GiB) |\n|---:|---|---:|---:|---:|\n")
+    for r in runs:
+        rss = f"{r['peak_rss_gib']:.2f}" if r.get("peak_rss_gib") is not None else "—"
+        text += (f"| {r['seed']} | {ARM_TITLES.get(r['arm'], r['arm'])} | {r['train_seconds'] / 60:.1f} "
+                 f"| {r['eval_seconds'] / 60:.1f} | {rss} |\n")
+    return text
+
+
 def plot_curves(records: list[dict[str, Any]], arms: Sequence[str], path: Path, smooth: int = 5) -> Optional[Path]:
     """Training curves per arm from the runs' ``metrics.jsonl``: each seed's series smoothed by a centred moving
     average of ``smooth`` steps, then the mean over seeds (line) and the min-max over seeds (shaded)."""
@@ -208,14 +219,15 @@ def write_report(out: Path, args: argparse.Namespace, jobs: list[dict[str, Any]]
     from cipo.evaluation import plot_pass_at_k
 
     out.mkdir(parents=True, exist_ok=True)
-    order = ["warm_start", *args.arms]
+    order = ["warm_start", "pretrained", *args.arms]
     agg = aggregate(records, args.arms, contrasts=[c for c in args.contrasts if set(c) <= set(args.arms)])
     diag = training_diagnostics(records)
     start = "same warm start" if args.model == "tiny" else "same pretrained model"
     table = table_markdown(agg, order, start) + diagnostics_markdown(diag, order)
     runs = [{"seed": r["spec"]["seed"], "arm": r["spec"]["arm"], "run_dir": r["spec"]["run_dir"],
              "metrics": eval_metrics(r["eval"]), "train_seconds": r["train_seconds"],
-             "eval_seconds": r["eval_seconds"], "reused": r.get("reused", False),
+             "eval_seconds": r["eval_seconds"], "peak_rss_gib": r.get("peak_rss_gib"),
+             "reused": r.get("reused", False),
              "failed_attempts": r["eval"].get("failed_attempts"), "correct_attempts": r["eval"].get("correct_attempts"),
              "warmstart": (r["summary"].get("warmstart") or {}).get("steps") if r["spec"]["arm"] == "warm_start"
              else None}
@@ -237,7 +249,7 @@ def write_report(out: Path, args: argparse.Namespace, jobs: list[dict[str, Any]]
               f"({study['environment']['cpus']} CPUs, load average at the end "
               f"{', '.join(f'{x:.1f}' for x in study['environment']['load_average'])}).\n\n"
               "Mean ± 95 % CI over seeds (t-distribution); pass@1 equals the sampled accuracy by definition.\n\n")
-    (out / "table.md").write_text(header + table)
+    (out / "table.md").write_text(header + table + jobs_markdown(runs))
     plot_curves(records, args.arms, out / "curves.png")
     curves = {}
     for arm in order:

@@ -49,6 +49,13 @@ def clear_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (model, in-process vLLM engine, update), or a child's if larger."""
+    import resource
+
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20
+
+
 def run_worker(spec_path: Path) -> int:
     """Train one job's run, evaluate it, write ``result.json`` beside the spec (the worker process)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -65,12 +72,12 @@ def run_worker(spec_path: Path) -> int:
         trainer.close()
     t1 = time.perf_counter()
     ev = spec["eval"]
-    result = evaluate_run(spec["run_dir"], n=ev["n"], ks=ev["ks"], engine=ev["engine"], seed=ev["seed"],
+    result = evaluate_run(spec["run_dir"], step=ev.get("step"), n=ev["n"], ks=ev["ks"], engine=ev["engine"], seed=ev["seed"],
                           out=Path(spec["run_dir"]) / "eval", prompts=ev["prompts"],
                           attempts_per_prompt=ev["attempts_per_prompt"], refinements=ev["refinements"],
                           progress=False)
     record = {"spec": spec, "summary": summary, "eval": result, "train_seconds": t1 - t0,
-              "eval_seconds": time.perf_counter() - t1}
+              "eval_seconds": time.perf_counter() - t1, "peak_rss_gib": peak_rss_gib()}
     # written whole or not at all: a job killed here must not leave a result that reads as finished
     partial = spec_path.parent / (RESULT + ".partial")
     partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -70,11 +70,12 @@ def materialized_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, batch: 
                              config: PolicyLossConfig, **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
     """The unfused path (``actor.fused_loss: false``): the fused loss's end-to-end reference,
     :func:`cipo.fused_loss_ref.materialized_policy_loss`, on fp32 copies — the full fp32 logits ``[n, V]``,
-    log-softmax, gather (what verl does by default), then :func:`cipo.cipo_policy_loss` (no entropy). For
-    comparisons only: it is exactly the memory the fused loss exists to avoid."""
+    log-softmax, gather (what verl does by default), then :func:`cipo.cipo_policy_loss` with the per-token entropy
+    (the ``entropy`` metric and bonus, as the fused loss has them). For comparisons only: it is exactly the memory
+    the fused loss exists to avoid."""
     from ..fused_loss_ref import materialized_policy_loss as reference_loss
 
-    out = reference_loss(hidden.float(), weight.float(), batch, config, **kwargs)
+    out = reference_loss(hidden.float(), weight.float(), batch, config, with_entropy=True, **kwargs)
     return out.loss, out.metrics
 
 

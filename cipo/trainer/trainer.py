@@ -227,7 +227,8 @@ class CIPOTrainer:
                                               zip(group.rollouts, base_out.texts[base_out.group(i)])])
                    for i, (key, row, group) in enumerate(zip(keys, rows, base_groups))]
         m.set(**{"base/reward": mean_of(base_scores), "base/accuracy": mean_of([s >= 1.0 for s in base_scores]),
-                 "base/response_length": mean_of([len(t) for t in base_out.token_ids])})
+                 "base/response_length": mean_of([len(t) for t in base_out.token_ids]),
+                 "rollout/response_tokens_base": float(sum(len(t) for t in base_out.token_ids))})
         return base_groups, results
 
     def _correction_stream(self, results: list[PromptResult], step: int,
@@ -251,7 +252,9 @@ class CIPOTrainer:
         outcome = self.corrections.absorb(proposal, corr_groups)
         m.update("", outcome.metrics())
         m.set(**{"corr/success": mean_of([s >= 1.0 for s in corr_scores]),
-                 "corr/prompt_length": mean_of([len(p) for p in corr_ids])})
+                 "corr/prompt_length": mean_of([len(p) for p in corr_ids]),
+                 "corr/response_length": mean_of([len(t) for t in corr_out.token_ids]),
+                 "rollout/response_tokens_corr": float(sum(len(t) for t in corr_out.token_ids))})
         return outcome.groups, outcome.regression
 
     def _update_policy(self, batch: PackedBatch, advantages: torch.Tensor, m: StepMetrics) -> None:

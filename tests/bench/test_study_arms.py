@@ -17,6 +17,7 @@ from bench.study.arms import (
     VERDICT_INCORRECT,
     arm_overrides,
     build_jobs,
+    job_commands,
     verdict_user_format,
     yaml_float,
 )
@@ -151,8 +152,16 @@ def test_smollm2_mode_builds_arms_without_a_warm_start(tmp_path: Path) -> None:
     assert args.config == str(Path("configs") / "smollm2_arith.yaml") and args.steps == 30 and args.seeds == 3
     assert args.arms == ["grpo", "cipo", "cipo_lambda_half", "grpo_matched", "cipo_verdict"]
     jobs = build_jobs(args)
-    assert len(jobs) == 15 and all(job["kind"] == "arm" for job in jobs)
+    # per seed: the pretrained model evaluated at step 0 (no training), then the five arms
+    assert [(job["seed"], job["kind"]) for job in jobs] == [
+        (seed, kind) for seed in range(3) for kind in ["pretrained", *["arm"] * 5]]
+    for start in jobs[::6]:
+        assert start["eval"]["step"] == 0 and "trainer.total_steps=0" in start["overrides"]
+        assert start["run_dir"].endswith(f"seed{start['seed']}/pretrained")
+        assert "--step 0 " in job_commands(start)[1]
+    jobs = [job for job in jobs if job["kind"] == "arm"]
     for job in jobs:
+        assert "step" not in job["eval"] and "--step" not in job_commands(job)[1]
         assert not any(o.startswith(("model.path=", "warmstart.", "model.tiny_overrides")) for o in job["overrides"])
         config = load_config(REPO / job["config"], job["overrides"])
         assert config.model.path == "smollm2" and config.warmstart.max_steps == 0

@@ -30,14 +30,16 @@ def test_smollm2_quick_study_runs_every_arm_from_the_pretrained_model(tmp_path: 
     proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     study = json.loads((out / "study.json").read_text())
-    assert sorted(r["arm"] for r in study["runs"]) == sorted(ARMS)  # no warm start job
+    assert sorted(r["arm"] for r in study["runs"]) == sorted([*ARMS, "pretrained"])  # no warm start job
     assert not (work / "seed0" / "warm_start").exists()
+    log = work / "seed0" / "pretrained" / "metrics.jsonl"
+    assert not (log.exists() and log.read_text().strip())  # evaluated at step 0, never trained
     for arm in ARMS:
         config = (work / "seed0" / arm / "config.yaml").read_text()
         assert "path: smollm2" in config
         assert len((work / "seed0" / arm / "metrics.jsonl").read_text().splitlines()) == 1
     table = (out / "table.md").read_text()
-    assert "same pretrained model" in table and "GRPO, CIPO's samples per step" in table
+    assert "same pretrained model" in table and "pretrained model (step 0)" in table and "GRPO, CIPO's samples per step" in table
     assert "CIPO − GRPO, CIPO's samples per step" in table
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stderr.count("(reused)") + again.stdout.count("(reused)") == len(ARMS)
+    assert again.returncode == 0 and again.stderr.count("(reused)") + again.stdout.count("(reused)") == len(ARMS) + 1

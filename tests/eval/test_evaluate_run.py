@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,19 @@ def test_trainer_builds_the_same_correction_prompts() -> None:
                                 encode=lambda t: list(t.encode()), decode=lambda i: bytes(i).decode())
     assert ids == [[1, 2]]
     assert seen == [template.build(rows[1]["prompt"], "7+5=12 \\boxed{12}").messages]
+
+
+def test_cli_generate_samples_the_final_model_of_any_run(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    # a run without init_model/ (a SmolLM2 run starts from the cached pretrained directory) and without checkpoints
+    # (trainer.save_every 0): generate samples its hf_model/, the model `cipo eval` evaluates by default
+    bare = tmp_path / "run"
+    bare.mkdir()
+    shutil.copy(tiny_run / "config.yaml", bare / "config.yaml")
+    shutil.copytree(tiny_run / "hf_model", bare / "hf_model")
+    for run_dir, label in ((tiny_run, "model: hf_model (final policy)"), (bare, "model: hf_model (final policy)"),
+                           (tiny_run / "hf_model", f"model: {tiny_run / 'hf_model'}")):
+        assert cli_main(["generate", "--run-dir", str(run_dir), "--prompt", "1+2=", "-n", "2", "--max-tokens", "3"]) == 0
+        out, err = capsys.readouterr()
+        assert label in err and "--- sample 1" in out
+    assert cli_main(["generate", "--run-dir", str(tmp_path), "--prompt", "x"]) == 2
+    assert "holds neither a run (config.yaml" in capsys.readouterr().err
