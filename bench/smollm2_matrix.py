@@ -94,8 +94,8 @@ def run_setting(name: str, overrides: list[str], steps: int, work: Path, timeout
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        "| setting | step (s) | rollouts (s) | sampled tokens | rollout tok/s | update (s) | tokens through the decoder "
-        "| training tok/s | peak RSS (GiB) |",
+        "| setting | step (s) | rollouts (s) | sampled tokens | rollout tok/s | update (s) "
+        "| tokens through the decoder | training tok/s | peak RSS (GiB) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:

@@ -211,6 +211,7 @@ def job_commands(job: dict[str, Any]) -> list[str]:
     ev = job["eval"]
     step = f" --step {ev['step']}" if ev.get("step") is not None else ""
     return [f"cipo train {shlex.quote(job['config'])} {sets}",
-            f"cipo eval --run-dir {shlex.quote(job['run_dir'])}{step} -n {ev['n']} -k {ev['ks']} --prompts {ev['prompts']} "
+            f"cipo eval --run-dir {shlex.quote(job['run_dir'])}{step} -n {ev['n']} -k {ev['ks']} "
+            f"--prompts {ev['prompts']} "
             f"--attempts-per-prompt {ev['attempts_per_prompt']} --refinements {ev['refinements']} "
             f"--seed {ev['seed']} --engine {ev['engine']} --quiet"]

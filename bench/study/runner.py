@@ -72,8 +72,8 @@ def run_worker(spec_path: Path) -> int:
         trainer.close()
     t1 = time.perf_counter()
     ev = spec["eval"]
-    result = evaluate_run(spec["run_dir"], step=ev.get("step"), n=ev["n"], ks=ev["ks"], engine=ev["engine"], seed=ev["seed"],
-                          out=Path(spec["run_dir"]) / "eval", prompts=ev["prompts"],
+    result = evaluate_run(spec["run_dir"], step=ev.get("step"), n=ev["n"], ks=ev["ks"], engine=ev["engine"],
+                          seed=ev["seed"], out=Path(spec["run_dir"]) / "eval", prompts=ev["prompts"],
                           attempts_per_prompt=ev["attempts_per_prompt"], refinements=ev["refinements"],
                           progress=False)
     record = {"spec": spec, "summary": summary, "eval": result, "train_seconds": t1 - t0,

@@ -39,7 +39,8 @@ def test_smollm2_quick_study_runs_every_arm_from_the_pretrained_model(tmp_path: 
         assert "path: smollm2" in config
         assert len((work / "seed0" / arm / "metrics.jsonl").read_text().splitlines()) == 1
     table = (out / "table.md").read_text()
-    assert "same pretrained model" in table and "pretrained model (step 0)" in table and "GRPO, CIPO's samples per step" in table
+    assert "same pretrained model" in table and "pretrained model (step 0)" in table
+    assert "GRPO, CIPO's samples per step" in table
     assert "CIPO − GRPO, CIPO's samples per step" in table
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and again.stderr.count("(reused)") + again.stdout.count("(reused)") == len(ARMS) + 1

@@ -213,7 +213,8 @@ def test_cli_generate_samples_the_final_model_of_any_run(tiny_run: Path, tmp_pat
     shutil.copytree(tiny_run / "hf_model", bare / "hf_model")
     for run_dir, label in ((tiny_run, "model: hf_model (final policy)"), (bare, "model: hf_model (final policy)"),
                            (tiny_run / "hf_model", f"model: {tiny_run / 'hf_model'}")):
-        assert cli_main(["generate", "--run-dir", str(run_dir), "--prompt", "1+2=", "-n", "2", "--max-tokens", "3"]) == 0
+        argv = ["generate", "--run-dir", str(run_dir), "--prompt", "1+2=", "-n", "2", "--max-tokens", "3"]
+        assert cli_main(argv) == 0
         out, err = capsys.readouterr()
         assert label in err and "--- sample 1" in out
     assert cli_main(["generate", "--run-dir", str(tmp_path), "--prompt", "x"]) == 2
