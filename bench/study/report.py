@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from .arms import ARM_TITLES, GRPO_FAMILY, job_commands
 from .runner import REPO
-from .stats import METRICS, aggregate, eval_metrics, mean_ci
+from .stats import METRICS, aggregate, eval_metrics, mean_ci, prompt_paired_difference
 
 CURVES = [("base/accuracy", "training batch accuracy"), ("corr/success", "correction-stream success (train)"),
           ("replay/rho", "replay ratio ρ")]
@@ -112,6 +112,34 @@ def table_markdown(agg: dict[str, Any], order: Sequence[str], start: str = "same
             text += (f"| {ARM_TITLES.get(arm, arm)} − {ARM_TITLES.get(reference, reference)} | "
                      f"{','.join(map(str, stats['seeds']))} | "
                      + " | ".join(_fmt(stats[m], signed=True) for m in cols) + " |\n")
+    return text
+
+
+def start_differences(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per trained job: its held-out accuracy minus its seed's starting model's (the ``pretrained`` or
+    ``warm_start`` job), paired over the same prompts (:func:`prompt_paired_difference`)."""
+    starts = {r["spec"]["seed"]: r for r in records if r["spec"]["arm"] in ("pretrained", "warm_start")}
+    out = []
+    for r in records:
+        start = starts.get(r["spec"]["seed"])
+        if r["spec"]["kind"] != "arm" or start is None or "correct_counts" not in r["eval"] \
+                or "correct_counts" not in start["eval"] or r["eval"]["n"] != start["eval"]["n"]:
+            continue
+        diff = prompt_paired_difference(r["eval"]["correct_counts"], start["eval"]["correct_counts"], r["eval"]["n"])
+        out.append({"seed": r["spec"]["seed"], "arm": r["spec"]["arm"], "start": start["spec"]["arm"],
+                    "start_accuracy": start["eval"]["accuracy"], "accuracy": r["eval"]["accuracy"], **diff})
+    return out
+
+
+def start_markdown(diffs: list[dict[str, Any]]) -> str:
+    if not diffs:
+        return ""
+    text = ("\nAgainst the starting model, per job (same seed, same held-out prompts; mean ± 95 % t-interval over "
+            "the prompts, the evaluation's own noise):\n\n| seed | arm | step 0 | last step | difference |\n"
+            "|---:|---|---:|---:|---:|\n")
+    for d in diffs:
+        text += (f"| {d['seed']} | {ARM_TITLES.get(d['arm'], d['arm'])} | {d['start_accuracy']:.3f} "
+                 f"| {d['accuracy']:.3f} | {_fmt(d, signed=True)} |\n")
     return text
 
 
@@ -236,7 +264,7 @@ def write_report(out: Path, args: argparse.Namespace, jobs: list[dict[str, Any]]
     settings["config"] = str(settings["config"])
     study = {"command": "python -m bench.study " + " ".join(shlex.quote(a) for a in argv), "settings": settings,
              "environment": environment(), "wall_seconds": wall, "runs": runs, "aggregate": agg,
-             "training_diagnostics": diag}
+             "training_diagnostics": diag, "vs_start": start_differences(records)}
     (out / "study.json").write_text(json.dumps(study, indent=1, sort_keys=True, default=str) + "\n")
     reused = sum(bool(r.get("reused")) for r in records)
     reused_note = f" ({reused} of {len(records)} jobs reused from an earlier invocation)" if reused else ""
@@ -249,7 +277,7 @@ def write_report(out: Path, args: argparse.Namespace, jobs: list[dict[str, Any]]
               f"({study['environment']['cpus']} CPUs, load average at the end "
               f"{', '.join(f'{x:.1f}' for x in study['environment']['load_average'])}).\n\n"
               "Mean ± 95 % CI over seeds (t-distribution); pass@1 equals the sampled accuracy by definition.\n\n")
-    (out / "table.md").write_text(header + table + jobs_markdown(runs))
+    (out / "table.md").write_text(header + table + start_markdown(study["vs_start"]) + jobs_markdown(runs))
     plot_curves(records, args.arms, out / "curves.png")
     curves = {}
     for arm in order:

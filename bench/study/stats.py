@@ -59,6 +59,14 @@ def eval_metrics(ev: dict[str, Any]) -> dict[str, float]:
 
 
 
+def prompt_paired_difference(counts: Sequence[int], reference: Sequence[int], n: int) -> dict[str, Any]:
+    """Accuracy difference between two evaluations of the same held-out prompts (``correct_counts`` of ``n`` samples
+    each, in the same prompt order): mean ± 95 % t-interval over the prompts — the evaluation's own noise, paired."""
+    if len(counts) != len(reference) or not counts:
+        raise ValueError(f"paired by prompt: {len(counts)} vs {len(reference)} prompts")
+    return mean_ci([(c - r) / n for c, r in zip(counts, reference)])
+
+
 def common_seeds(by_arm: dict[str, dict[int, dict[str, float]]], arm: str, reference: str) -> list[int]:
     """The seeds where both ``arm`` and ``reference`` finished: the only ones a paired difference may use."""
     return sorted(set(by_arm.get(reference, {})) & set(by_arm.get(arm, {})))

@@ -182,9 +182,10 @@ def engine_from_config(config: TrainConfig, model_dir: Path, device: torch.devic
 
     Args:
         seed: vLLM's engine seed (default ``trainer.seed``), used by requests without a seed of their own.
-        colocated: the engine shares the device with the policy being trained: vLLM is sized for the run's longest
-            sequence and, on a GPU, takes ``rollout.gpu_memory_utilization`` with sleep mode
-            (``rollout.free_cache_engine``). False (evaluation, the engine alone on the device): vLLM's own sizing.
+        colocated: the engine shares the device with the policy being trained: on a GPU it takes
+            ``rollout.gpu_memory_utilization`` with sleep mode (``rollout.free_cache_engine``). False (evaluation,
+            the engine alone on the device): vLLM's own memory sizing. Either way vLLM is sized for the run's
+            longest sequence, not the model's own limit.
     """
     from . import make_engine, vllm_available  # read at call time: tests substitute cipo.rollout.make_engine
 
@@ -193,14 +194,13 @@ def engine_from_config(config: TrainConfig, model_dir: Path, device: torch.devic
         kind = "vllm" if vllm_available() else "hf"
     if kind == "vllm":
         kwargs: dict[str, Any] = {"seed": config.trainer.seed if seed is None else seed, "dtype": config.model.dtype}
-        if colocated:
-            # The longest sequence a run samples (prompts are cut to max_prompt_length): sizing vLLM for it rather
-            # than the model's own limit (8192 for SmolLM2) keeps the minimum KV cache small enough for its CPU
-            # budget.
-            kwargs["max_model_len"] = config.data.max_prompt_length + config.rollout.max_response_length
-            if device.type == "cuda":
-                kwargs["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization
-                kwargs["sleep_mode"] = config.rollout.free_cache_engine
+        # The longest sequence a run samples, in training and in evaluation (prompts, correction prompts included,
+        # are cut to max_prompt_length): sizing vLLM for it rather than the model's own limit (8192 for SmolLM2)
+        # keeps the minimum KV cache within the CPU budget (vLLM refuses to start otherwise).
+        kwargs["max_model_len"] = config.data.max_prompt_length + config.rollout.max_response_length
+        if colocated and device.type == "cuda":
+            kwargs["gpu_memory_utilization"] = config.rollout.gpu_memory_utilization
+            kwargs["sleep_mode"] = config.rollout.free_cache_engine
     else:
         kwargs = {"device": device, "dtype": getattr(torch, config.model.dtype)}
     return make_engine(kind, model_dir, **kwargs)

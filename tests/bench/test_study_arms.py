@@ -212,3 +212,24 @@ def test_finished_jobs_are_reused_and_leftovers_cleared(tmp_path: Path) -> None:
     assert finished_record(job) is None  # another spec: run again
     (run_dir / "result.json").write_text(json.dumps({"spec": job, "eval": {}}))
     assert finished_record(job)["reused"] is True
+
+
+def test_difference_to_the_starting_model_is_paired_by_prompt() -> None:
+    from bench.study.report import start_differences
+    from bench.study.stats import prompt_paired_difference
+
+    diff = prompt_paired_difference([4, 2, 3], [2, 2, 1], n=4)  # per prompt +0.5, 0, +0.5
+    assert diff["mean"] == pytest.approx(1 / 3) and diff["n"] == 3
+    assert diff["ci95"] == pytest.approx(4.303 * math.sqrt(1 / 12) / math.sqrt(3), rel=1e-3)
+    with pytest.raises(ValueError, match="paired by prompt"):
+        prompt_paired_difference([1, 2], [1], n=4)
+
+    def rec(arm: str, kind: str, seed: int, counts: list[int]) -> dict:
+        return {"spec": {"arm": arm, "kind": kind, "seed": seed},
+                "eval": {"n": 4, "correct_counts": counts, "accuracy": sum(counts) / (4 * len(counts))}}
+
+    records = [rec("pretrained", "pretrained", 0, [1, 1, 2]), rec("cipo", "arm", 0, [3, 1, 2]),
+               rec("grpo", "arm", 1, [4, 4, 4])]  # seed 1 has no starting model: no row
+    (only,) = start_differences(records)
+    assert (only["arm"], only["start"], only["start_accuracy"]) == ("cipo", "pretrained", 1 / 3)
+    assert only["mean"] == pytest.approx(2 / 12)

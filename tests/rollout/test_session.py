@@ -152,7 +152,8 @@ def test_engine_and_sampling_from_config(monkeypatch, tmp_path):
     engine_from_config(config, tmp_path, torch.device("cpu"), kind="vllm", seed=9, colocated=False)
     engine_from_config(config, tmp_path, torch.device("cpu"), kind="hf")
     assert seen[0] == ("vllm", {"seed": 5, "dtype": config.model.dtype, "max_model_len": 128})
-    assert seen[1] == ("vllm", {"seed": 9, "dtype": config.model.dtype})
+    # evaluation too: a model's own limit (SmolLM2: 8192) needs more KV cache than the CPU engine has
+    assert seen[1] == ("vllm", {"seed": 9, "dtype": config.model.dtype, "max_model_len": 128})
     assert seen[2] == ("hf", {"device": torch.device("cpu"), "dtype": getattr(torch, config.model.dtype)})
     train = sampling_from_config(config, 3)
     assert (train.temperature, train.max_tokens, train.seed, train.return_logprobs) == (0.75, 28, 3, True)
