@@ -146,11 +146,12 @@ def start_markdown(diffs: list[dict[str, Any]]) -> str:
 def jobs_markdown(runs: list[dict[str, Any]]) -> str:
     """What each job cost: training and evaluation minutes (inside the worker) and its peak RSS."""
     text = ("\nJobs (minutes inside the worker process; peak RSS: the worker's, model + in-process vLLM + update):"
-            "\n\n| seed | arm | training (min) | evaluation (min) | peak RSS (GiB) |\n|---:|---|---:|---:|---:|\n")
+            "\n\n| seed | arm | training (min) | evaluation (min) | peak RSS (GiB) | commit |\n"
+            "|---:|---|---:|---:|---:|---|\n")
     for r in runs:
         rss = f"{r['peak_rss_gib']:.2f}" if r.get("peak_rss_gib") is not None else "—"
         text += (f"| {r['seed']} | {ARM_TITLES.get(r['arm'], r['arm'])} | {r['train_seconds'] / 60:.1f} "
-                 f"| {r['eval_seconds'] / 60:.1f} | {rss} |\n")
+                 f"| {r['eval_seconds'] / 60:.1f} | {rss} | {r.get('commit') or '—'} |\n")
     return text
 
 
@@ -254,7 +255,7 @@ def write_report(out: Path, args: argparse.Namespace, jobs: list[dict[str, Any]]
     table = table_markdown(agg, order, start) + diagnostics_markdown(diag, order)
     runs = [{"seed": r["spec"]["seed"], "arm": r["spec"]["arm"], "run_dir": r["spec"]["run_dir"],
              "metrics": eval_metrics(r["eval"]), "train_seconds": r["train_seconds"],
-             "eval_seconds": r["eval_seconds"], "peak_rss_gib": r.get("peak_rss_gib"),
+             "eval_seconds": r["eval_seconds"], "peak_rss_gib": r.get("peak_rss_gib"), "commit": r.get("commit"),
              "reused": r.get("reused", False),
              "failed_attempts": r["eval"].get("failed_attempts"), "correct_attempts": r["eval"].get("correct_attempts"),
              "warmstart": (r["summary"].get("warmstart") or {}).get("steps") if r["spec"]["arm"] == "warm_start"

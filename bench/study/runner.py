@@ -49,6 +49,19 @@ def clear_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def code_version() -> str:
+    """The commit the job runs (short hash, ``+changes`` when tracked files differ from it): a study spans sessions
+    and commits, so each job records its own."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD") or "unknown"
+        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except OSError:
+        return "unknown"
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (model, in-process vLLM engine, update), or a child's if larger."""
     import resource
@@ -64,6 +77,7 @@ def run_worker(spec_path: Path) -> int:
     from cipo.trainer.trainer import CIPOTrainer
 
     spec = json.loads(spec_path.read_text())
+    commit = code_version()  # at the start: what this process imported
     t0 = time.perf_counter()
     trainer = CIPOTrainer(load_config(spec["config"], spec["overrides"]))
     try:
@@ -77,7 +91,8 @@ def run_worker(spec_path: Path) -> int:
                           attempts_per_prompt=ev["attempts_per_prompt"], refinements=ev["refinements"],
                           progress=False)
     record = {"spec": spec, "summary": summary, "eval": result, "train_seconds": t1 - t0,
-              "eval_seconds": time.perf_counter() - t1, "peak_rss_gib": peak_rss_gib()}
+              "eval_seconds": time.perf_counter() - t1, "peak_rss_gib": peak_rss_gib(),
+              "commit": commit}
     # written whole or not at all: a job killed here must not leave a result that reads as finished
     partial = spec_path.parent / (RESULT + ".partial")
     partial.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")

@@ -233,3 +233,11 @@ def test_difference_to_the_starting_model_is_paired_by_prompt() -> None:
     (only,) = start_differences(records)
     assert (only["arm"], only["start"], only["start_accuracy"]) == ("cipo", "pretrained", 1 / 3)
     assert only["mean"] == pytest.approx(2 / 12)
+
+
+def test_each_job_records_the_commit_it_ran() -> None:
+    import re
+
+    from bench.study.runner import code_version
+
+    assert re.fullmatch(r"[0-9a-f]{7,40}(\+changes)?|unknown", code_version())
