@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 from bench._common import REPO, _git, cpu_model, mem_total_gib
 
+CONFIG = "configs/smollm2_arith.yaml"
 # (name, overrides, steps): the study's LoRA setting is "fp32 LoRA"; bf16 rows take one step (they are slow here)
 LORA = ["actor.lora.rank=16", "actor.lr=2.0e-4"]
 SETTINGS: list[tuple[str, list[str], int]] = [
@@ -48,13 +49,13 @@ def study_budget() -> list[str]:
     return [o for o in SMOLLM2 if not o.startswith(("actor.lora.", "actor.lr="))]
 
 
-def run_setting(name: str, overrides: list[str], steps: int, work: Path, timeout_s: float) -> dict[str, Any]:
+def run_setting(name: str, overrides: list[str], steps: int, work: Path, timeout_s: float,
+                config: str = CONFIG, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train one setting in a fresh process; its per-step rates and the process's peak RSS."""
     run_dir = work / name.replace(",", "").replace(" ", "_")
-    sets = [*study_budget(), *overrides, f"trainer.total_steps={steps}", "trainer.eval_prompts=0",
+    sets = [*study_budget(), *overrides, *extra, f"trainer.total_steps={steps}", "trainer.eval_prompts=0",
             "trainer.save_every=0", "trainer.save_hf_model=false", f"trainer.run_dir={run_dir}"]
-    cmd = [sys.executable, "-c", "import sys; from cipo.cli import main; sys.exit(main())", "train",
-           "configs/smollm2_arith.yaml"]
+    cmd = [sys.executable, "-c", "import sys; from cipo.cli import main; sys.exit(main())", "train", config]
     for s in sets:
         cmd += ["--set", s]
     log = work / f"{run_dir.name}.log"
@@ -75,7 +76,7 @@ def run_setting(name: str, overrides: list[str], steps: int, work: Path, timeout
     proc.returncode = os.waitstatus_to_exitcode(status)
     row: dict[str, Any] = {"setting": name, "overrides": sets, "steps": steps, "wall_s": time.perf_counter() - t0,
                            "exit": proc.returncode, "peak_rss_gib": usage.ru_maxrss / 2**20,
-                           "command": "cipo train configs/smollm2_arith.yaml " + " ".join(f"--set {s}" for s in sets)}
+                           "command": f"cipo train {config} " + " ".join(f"--set {s}" for s in sets)}
     metrics = run_dir / "metrics.jsonl"
     lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     row["per_step"] = [{k: line.get(k) for k in STEP_KEYS} for line in lines]
@@ -113,16 +114,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     ap.add_argument("--only", default="", help="comma-separated row numbers (0-based) to run; default all")
     ap.add_argument("--timeout-s", type=float, default=1800.0, help="per setting")
+    ap.add_argument("--config", default=CONFIG)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every setting")
     args = ap.parse_args(argv)
     chosen = [SETTINGS[int(i)] for i in args.only.split(",")] if args.only else SETTINGS
     work = Path(tempfile.mkdtemp(prefix="cipo_smollm2_matrix_"))
     result: dict[str, Any] = {"machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {mem_total_gib()} GiB",
                               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-                              "commit": _git("rev-parse", "--short", "HEAD"), "budget": study_budget(), "rows": []}
+                              "commit": _git("rev-parse", "--short", "HEAD"), "config": args.config,
+                              "budget": [*study_budget(), *args.set], "rows": []}
     try:
         for name, overrides, steps in chosen:
             print(f"[matrix] {name} ({steps} step(s)) ...", flush=True)
-            row = run_setting(name, overrides, steps, work, args.timeout_s)
+            row = run_setting(name, overrides, steps, work, args.timeout_s, args.config, tuple(args.set))
             row["load_average_after"] = os.getloadavg()
             result["rows"].append(row)
             print(f"[matrix] {name}: " + (f"step {row['step_s']:.1f} s, rollout {row['rollout_tokens_per_s']:.0f} "

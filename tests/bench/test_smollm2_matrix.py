@@ -32,7 +32,7 @@ def test_matrix_table_shows_failed_settings():
 def test_loss_plan_for_smollm2s_tied_head():
     shapes, error = plan("cpu", "smollm2", quick=False)
     assert {(s.tokens, s.hidden, s.vocab, s.dtype) for s in shapes} == {
-        (t, 576, 49152, d) for t in (1024, 4096) for d in ("float32", "bfloat16")}
+        (1024, 576, 49152, "float32"), (1024, 576, 49152, "bfloat16"), (4096, 576, 49152, "float32")}
     assert all(s.methods[0] == "naive" and "fused" in s.methods for s in shapes)
     assert (error.hidden, error.vocab) == (576, 49152)
     quick, _ = plan("cpu", "smollm2", quick=True)
