@@ -122,7 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log = Path(job["run_dir"]).with_name(f"{job['arm']}.log")
         log.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        record = run_job(job, log)
+        record = run_job(job, log, Path(args.out))
         records.append(record)
         m = eval_metrics(record["eval"])
         tqdm.write(f"seed {job['seed']} {job['arm']:<13} {'(reused) ' if record.get('reused') else ''}"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .arms import ARM_TITLES, GRPO_FAMILY, job_commands
-from .runner import REPO
+from .runner import REPO, job_file
 from .stats import METRICS, aggregate, eval_metrics, mean_ci, prompt_paired_difference
 
 CURVES = [("base/accuracy", "training batch accuracy"), ("corr/success", "correction-stream success (train)"),
@@ -42,11 +42,11 @@ def training_diagnostics(records: list[dict[str, Any]]) -> dict[str, dict[str, A
 
     per_arm: dict[str, dict[str, list[float]]] = {}
     for rec in records:
-        path = Path(rec["spec"]["run_dir"]) / "metrics.jsonl"
+        path = job_file(rec, "metrics.jsonl")
         if rec["spec"]["kind"] != "arm" or not path.exists():
             continue
         lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        config_path = path.with_name("config.yaml")
+        config_path = job_file(rec, "config.yaml")
         grad_clip = yaml.safe_load(config_path.read_text())["actor"]["grad_clip"] if config_path.exists() else 0.0
         for line in lines:
             base, corr = line.get("actor/tokens/base", 0.0), line.get("actor/tokens/corr", 0.0)
@@ -173,7 +173,7 @@ def plot_curves(records: list[dict[str, Any]], arms: Sequence[str], path: Path, 
                 continue  # no correction stream: ρ is logged but unused
             series = []
             for rec in runs:
-                path_m = Path(rec["spec"]["run_dir"]) / "metrics.jsonl"
+                path_m = job_file(rec, "metrics.jsonl")
                 if not path_m.exists():
                     continue
                 lines = [json.loads(x) for x in path_m.read_text().splitlines() if x.strip()]

@@ -2,9 +2,12 @@
 evaluates with :func:`cipo.evaluation.evaluate_run` and writes ``result.json`` beside the job's spec.
 
 A job whose ``result.json`` holds the same spec is reused, so an interrupted study is finished by running the same
-command again: the unit of resumption is the job. Anything else in a job's run directory is a leftover (an
-interrupted job, or one with another spec) and is removed before the job runs again, since the trainer refuses a
-directory that holds another run's files.
+command again: the unit of resumption is the job. Each finished job is also archived under the results folder
+(:func:`archive_job`: its result, metrics log, curves and evaluation, a few hundred kB), which is committed: a clone
+without the run directories reuses the archived jobs, so a study spans sessions and machines.
+
+Anything else in a job's run directory is a leftover (an interrupted job, or one with another spec) and is removed
+before the job runs again, since the trainer refuses a directory that holds another run's files.
 """
 
 from __future__ import annotations
@@ -23,18 +26,58 @@ RESULT = "result.json"
 SPEC = "study_job.json"
 
 
-def finished_record(job: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The job's stored record when it finished with this very spec (``"reused": True`` added), else None."""
-    result_path = Path(job["run_dir"]) / RESULT
+ARCHIVED = (RESULT, "metrics.jsonl", "curves.png", "config.yaml", "eval/eval.json", "eval/pass_at_k.png")
+"""What :func:`archive_job` keeps of a finished job's run directory (not the model)."""
+
+
+def archive_dir(out: Path, job: dict[str, Any]) -> Path:
+    """Where the results folder ``out`` keeps the job's archived files."""
+    return Path(out) / "jobs" / f"seed{job['seed']}" / job["arm"]
+
+
+def archive_job(job: dict[str, Any], out: Path) -> Path:
+    """Copy the finished job's :data:`ARCHIVED` files from its run directory into :func:`archive_dir` (the result
+    last, through a temporary name: a half-copied archive never reads as finished)."""
+    dest = archive_dir(out, job)
+    run_dir = Path(job["run_dir"])
+    for name in ARCHIVED[1:]:
+        if (run_dir / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run_dir / name, dest / name)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run_dir / RESULT, dest / (RESULT + ".partial"))
+    os.replace(dest / (RESULT + ".partial"), dest / RESULT)
+    return dest
+
+
+def job_file(record: dict[str, Any], name: str) -> Path:
+    """A file of the job's run (``metrics.jsonl``, ``config.yaml``): in its run directory, else in its archive."""
+    path = Path(record["spec"]["run_dir"]) / name
+    if not path.exists() and record.get("archive"):
+        return Path(record["archive"]) / name
+    return path
+
+
+def _read_record(result_path: Path, job: dict[str, Any]) -> Optional[dict[str, Any]]:
     if not result_path.exists():
         return None
     try:
         record = json.loads(result_path.read_text())
     except (OSError, ValueError):
         return None  # cut short while written by a version that wrote it in place: run the job again
-    if record.get("spec") != job:
-        return None
-    record["reused"] = True
+    return record if record.get("spec") == job else None
+
+
+def finished_record(job: dict[str, Any], out: Optional[Path] = None) -> Optional[dict[str, Any]]:
+    """The job's stored record when it finished with this very spec (``"reused": True`` added): from its run
+    directory, else from its archive under the results folder ``out``; None when neither holds it."""
+    record = _read_record(Path(job["run_dir"]) / RESULT, job)
+    if record is None and out is not None:
+        record = _read_record(archive_dir(out, job) / RESULT, job)
+        if record is not None:
+            record["archive"] = str(archive_dir(out, job))
+    if record is not None:
+        record["reused"] = True
     return record
 
 
@@ -100,10 +143,13 @@ def run_worker(spec_path: Path) -> int:
     return 0
 
 
-def run_job(job: dict[str, Any], log: Path) -> dict[str, Any]:
-    """Run a job in a fresh process (or reuse its result when the same spec already finished)."""
-    record = finished_record(job)
+def run_job(job: dict[str, Any], log: Path, out: Optional[Path] = None) -> dict[str, Any]:
+    """Run a job in a fresh process (or reuse its result when the same spec already finished), and archive it under
+    the results folder ``out`` when given."""
+    record = finished_record(job, out)
     if record is not None:
+        if out is not None and "archive" not in record:
+            record["archive"] = str(archive_job(job, out))  # finished before archiving existed
         return record
     run_dir = Path(job["run_dir"])
     clear_run_dir(run_dir)
@@ -117,4 +163,7 @@ def run_job(job: dict[str, Any], log: Path) -> dict[str, Any]:
         tail = log.read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError(f"study job seed {job['seed']} {job['arm']} failed (exit {proc.returncode}); log: {log}\n"
                            + "\n".join(tail))
-    return json.loads((run_dir / RESULT).read_text())
+    record = json.loads((run_dir / RESULT).read_text())
+    if out is not None:
+        record["archive"] = str(archive_job(job, out))
+    return record

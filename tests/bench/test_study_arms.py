@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from bench.study.arms import (
     yaml_float,
 )
 from bench.study.cli import parse_args
-from bench.study.runner import clear_run_dir, finished_record
+from bench.study.runner import archive_dir, archive_job, clear_run_dir, finished_record, job_file
 from bench.study.stats import aggregate
 from cipo.algorithm import VERDICT_PATTERN, CorrectionTemplate
 from cipo.trainer.config import load_config
@@ -212,6 +213,29 @@ def test_finished_jobs_are_reused_and_leftovers_cleared(tmp_path: Path) -> None:
     assert finished_record(job) is None  # another spec: run again
     (run_dir / "result.json").write_text(json.dumps({"spec": job, "eval": {}}))
     assert finished_record(job)["reused"] is True
+
+
+def test_archived_jobs_are_reused_without_their_run_directory(tmp_path: Path) -> None:
+    """A fresh clone has the committed results folder but no run directories: its archived jobs count as finished."""
+    run_dir, out = tmp_path / "runs" / "seed1" / "grpo", tmp_path / "results"
+    job = {"kind": "arm", "arm": "grpo", "seed": 1, "config": "c.yaml", "overrides": [], "run_dir": str(run_dir),
+           "eval": {}}
+    (run_dir / "eval").mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps({"spec": job, "eval": {}}))
+    (run_dir / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run_dir / "eval" / "eval.json").write_text("{}")
+    (run_dir / "hf_model").mkdir()  # the model is not archived
+    dest = archive_job(job, out)
+    assert dest == archive_dir(out, job) == out / "jobs" / "seed1" / "grpo"
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
+        "eval/eval.json", "metrics.jsonl", "result.json"]
+    shutil.rmtree(tmp_path / "runs")
+    assert finished_record(job) is None
+    record = finished_record(job, out)
+    assert record["reused"] is True and record["archive"] == str(dest)
+    assert job_file(record, "metrics.jsonl") == dest / "metrics.jsonl"
+    (dest / "result.json").write_text(json.dumps({"spec": {**job, "overrides": ["x=1"]}}))
+    assert finished_record(job, out) is None  # an archive of another spec: run again
 
 
 def test_difference_to_the_starting_model_is_paired_by_prompt() -> None:
