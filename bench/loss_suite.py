@@ -311,13 +311,15 @@ def plan(suite: str, part: str, quick: bool) -> tuple[list[Shape], Optional[Shap
     """(timed shapes, error-check shape) of a suite's loss section ``part``."""
     if suite == "cpu":
         if part == "smollm2":
-            # SmolLM2-135M-Instruct's tied head (H 576, V 49152) at the trainer's 1024-token micro-batch (and 4x it
-            # in fp32, this CPU's training dtype; bf16 GEMMs are ~9x slower here, so one size): is the fused loss no
-            # slower than the unfused one there?
+            # SmolLM2-135M-Instruct's tied head (H 576, V 49152): is the fused loss no slower than the unfused one
+            # there? fp32 (this CPU's training dtype) at the trainer's 1024-token micro-batch and 4x it; bf16 at 256
+            # tokens, once: without bf16 instructions a bf16 GEMM here runs on one core at a few GFLOP/s (a 1024-token
+            # call took ~4 min).
             methods = ("naive", "fused", "linear_logprob")
-            sizes = [("float32", 1024), ("bfloat16", 1024)] + ([] if quick else [("float32", 4096)])
-            shapes = [Shape(T, 576, 49152, dtype, methods=methods, repeats=3, warmup=True, tag="smollm2")
-                      for dtype, T in sizes]
+            shapes = [Shape(T, 576, 49152, "float32", methods=methods, repeats=3, warmup=True, tag="smollm2")
+                      for T in ((1024,) if quick else (1024, 4096))]
+            shapes.append(Shape(256, 576, 49152, "bfloat16", methods=methods[:2], repeats=1, warmup=False,
+                                tag="smollm2"))
             return shapes, Shape(1024, 576, 49152, methods=methods, tag="error")
         if quick:
             # warm-up (first calls pay page faults and library start-up: +75 % measured), profiled run, one timed run

@@ -219,3 +219,44 @@ def test_cli_generate_samples_the_final_model_of_any_run(tiny_run: Path, tmp_pat
         assert label in err and "--- sample 1" in out
     assert cli_main(["generate", "--run-dir", str(tmp_path), "--prompt", "x"]) == 2
     assert "holds neither a run (config.yaml" in capsys.readouterr().err
+
+
+def test_study_probe_samples_with_the_runs_settings(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
+    """``python -m bench.study --probe`` samples as the run did: its top-p/top-k and its prompt truncation side."""
+    import types
+
+    import yaml
+
+    from bench.study.probes import probe_run
+    from cipo.rollout import make_engine
+    from cipo.rollout.session import PromptCodec
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["rollout"].update(top_p=0.9, top_k=7)
+    config["data"].update(truncation="right", max_prompt_length=14)  # every prompt is cut, from the right
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    seen = []
+
+    class Recorder:
+        def __init__(self, engine):
+            self.engine, self.tokenizer = engine, engine.tokenizer
+
+        def generate(self, prompts, n, sampling):
+            seen.append((prompts, sampling))
+            return types.SimpleNamespace(texts=["7+5=12 \\boxed{12}"] * (len(prompts) * n))
+
+        def close(self):
+            self.engine.close()
+
+    monkeypatch.setattr("cipo.rollout.make_engine",
+                        lambda kind, model_dir, **kw: Recorder(make_engine(kind, model_dir)))
+    out = probe_run(run, prompts=2, n=2, attempts=1, refinements=1)
+    assert out["samples"] == 4
+    (prompts, sampling), _ = seen
+    assert (sampling.top_p, sampling.top_k, sampling.max_tokens) == (0.9, 7, config["rollout"]["max_response_length"])
+    rows, _ = evaluation.held_out_rows(evaluation.load_run_config(run), None, 2)
+    tokenizer = make_engine("hf", run / "hf_model").tokenizer
+    right, left = (PromptCodec(tokenizer, 14, side).prompt_ids(rows[0]["prompt"]) for side in ("right", "left"))
+    assert prompts[0] == right != left
