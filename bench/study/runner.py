@@ -36,9 +36,12 @@ def archive_dir(out: Path, job: dict[str, Any]) -> Path:
 
 
 def archive_job(job: dict[str, Any], out: Path) -> Path:
-    """Copy the finished job's :data:`ARCHIVED` files from its run directory into :func:`archive_dir` (the result
-    last, through a temporary name: a half-copied archive never reads as finished)."""
+    """Copy the finished job's :data:`ARCHIVED` files from its run directory into :func:`archive_dir`, replacing an
+    older archive of the job (the result last, through a temporary name: a half-copied archive never reads as
+    finished)."""
     dest = archive_dir(out, job)
+    if dest.is_dir():
+        shutil.rmtree(dest)  # another spec's files must not mix with this job's
     run_dir = Path(job["run_dir"])
     for name in ARCHIVED[1:]:
         if (run_dir / name).is_file():

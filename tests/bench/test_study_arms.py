@@ -229,6 +229,8 @@ def test_archived_jobs_are_reused_without_their_run_directory(tmp_path: Path) ->
     assert dest == archive_dir(out, job) == out / "jobs" / "seed1" / "grpo"
     assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == [
         "eval/eval.json", "metrics.jsonl", "result.json"]
+    (dest / "curves.png").write_text("an older archive's file")
+    assert archive_job(job, out) == dest and not (dest / "curves.png").exists()  # replaced whole
     shutil.rmtree(tmp_path / "runs")
     assert finished_record(job) is None
     record = finished_record(job, out)
