@@ -117,7 +117,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--config", default=CONFIG)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every setting")
     args = ap.parse_args(argv)
-    chosen = [SETTINGS[int(i)] for i in args.only.split(",")] if args.only else SETTINGS
+    try:
+        chosen = [SETTINGS[int(i)] for i in args.only.split(",")] if args.only else SETTINGS
+    except (ValueError, IndexError):
+        ap.error(f"--only {args.only!r}: comma-separated row numbers from 0 to {len(SETTINGS) - 1} "
+                 f"({'; '.join(f'{i}: {name}' for i, (name, _, _) in enumerate(SETTINGS))})")
     work = Path(tempfile.mkdtemp(prefix="cipo_smollm2_matrix_"))
     result: dict[str, Any] = {"machine": f"{cpu_model()}, {os.cpu_count()} CPUs, {mem_total_gib()} GiB",
                               "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
