@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trainer.run_dir may hold another run: move it aside to RUN_DIR.replaced-<time> (nothing "
                             "is deleted) and start a new one")
     train.set_defaults(func=_train)
-    gen = sub.add_parser("generate", help="sample from a run's final model (hf_model/, else its latest "
-                                                       "checkpoint) or from an HF model directory")
+    gen = sub.add_parser("generate", help="sample from a run's final model (hf_model/, else its latest checkpoint) "
+                                          "or from an HF model directory")
     gen.add_argument("--run-dir", required=True)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("-n", type=int, default=4)
