@@ -96,14 +96,16 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def code_version() -> str:
-    """The commit the job runs (short hash, ``+changes`` when tracked files differ from it): a study spans sessions
-    and commits, so each job records its own."""
+    """The commit the job runs (short hash, ``+changes`` when tracked files outside ``bench/results/`` differ from
+    it): a study spans sessions and commits, so each job records its own."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     try:
         head = git("rev-parse", "--short", "HEAD") or "unknown"
-        return head + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+        # the study's own reports under bench/results/ change as it runs: they are not code
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+        return head + ("+changes" if changed else "")
     except OSError:
         return "unknown"
 
