@@ -73,7 +73,7 @@ def run_setting(name: str, overrides: list[str], steps: int, work: Path, timeout
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
             time.sleep(1.0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen, so it never waits again
     row: dict[str, Any] = {"setting": name, "overrides": sets, "steps": steps, "wall_s": time.perf_counter() - t0,
                            "exit": proc.returncode, "peak_rss_gib": usage.ru_maxrss / 2**20,
                            "command": f"cipo train {config} " + " ".join(f"--set {s}" for s in sets)}
